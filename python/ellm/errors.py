@@ -1,0 +1,17 @@
+"""ellm's exceptions. Bad arguments raise the standard ValueError/TypeError/FileNotFoundError."""
+
+
+class EllmError(Exception):
+    """Base class of ellm's own exceptions."""
+
+
+class BackendUnavailableError(EllmError, RuntimeError):
+    """The Rust backend was asked for but `ellm._lowlevel` could not be imported."""
+
+
+class ModelFormatError(EllmError, ValueError):
+    """A model file or folder that is truncated, corrupt or of an unsupported kind."""
+
+
+class BackendWarning(UserWarning):
+    """Emitted once when ellm falls back from Rust to NumPy."""

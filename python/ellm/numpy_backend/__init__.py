@@ -1,0 +1,1 @@
+"""The NumPy twin of every Rust kernel (`kernels.py`) and the reference Llama model (`llama.py`)."""

@@ -1,0 +1,170 @@
+"""NumPy twins of `rust/kernels/`: the same names, the same signatures as `ellm._lowlevel`,
+the same results. `ellm.ops` validates and converts inputs before calling either."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+F32 = np.float32
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.matmul(a, b)
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    out = x @ weight.T
+    if bias is not None:
+        out += bias
+    return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    mean_square = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(mean_square + F32(eps)) * weight).astype(F32, copy=False)
+
+
+def inv_freq(head_dim: int, theta: float, kind: str, params: list[float]) -> np.ndarray:
+    """The head_dim/2 rotation frequencies after `rope_scaling` (see rust/kernels/rope.rs)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor, low, high, old = params
+    if kind == "linear":
+        freqs = freqs / factor
+    elif kind == "llama3":
+        wavelen = 2 * math.pi / freqs
+        smooth = (old / wavelen - low) / (high - low)
+        ramp = (1 - smooth) * freqs / factor + smooth * freqs
+        freqs = np.where(wavelen < old / high, freqs, np.where(wavelen > old / low, freqs / factor, ramp))
+    elif kind != "none":
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return freqs.astype(F32)
+
+
+def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin `[len(positions), head_dim/2]`; the angle is formed in float32 as in HF."""
+    angles = np.asarray(positions, dtype=F32)[:, None] * freqs[None, :]
+    angles = angles.astype(np.float64)
+    return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+
+
+def rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x `[..., seq, heads, d]`; cos/sin `[seq, d/2]`."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def rope(x: np.ndarray, positions: list[int], theta: float, kind: str, params: list[float]) -> np.ndarray:
+    cos, sin = rope_cos_sin(np.asarray(positions), inv_freq(x.shape[-1], theta, kind, params))
+    return rotate_half(x, cos, sin)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return (x / (F32(1) + np.exp(-x))).astype(F32, copy=False)
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    return silu(gate) * up
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Over the last axis; a row that is all -inf gives zeros."""
+    m = np.max(x, axis=-1, keepdims=True) if x.shape[-1] else x
+    m = np.where(np.isneginf(m), F32(0), m)
+    e = np.exp(x - m)
+    total = np.sum(e, axis=-1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, start_pos: int, scale: float) -> np.ndarray:
+    sq, n_heads, _ = q.shape
+    sk, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    kh = np.repeat(k, group, axis=1).transpose(1, 0, 2)  # [n_heads, sk, d]
+    vh = np.repeat(v, group, axis=1).transpose(1, 0, 2)
+    scores = np.matmul(q.transpose(1, 0, 2), kh.transpose(0, 2, 1)) * F32(scale)  # [n_heads, sq, sk]
+    if causal:
+        visible = np.arange(sk)[None, :] <= (start_pos + np.arange(sq))[:, None]
+        scores = np.where(visible[None], scores, F32(-np.inf))
+    return np.matmul(softmax(scores), vh).transpose(1, 0, 2).astype(F32, copy=False)
+
+
+def quantize(x: np.ndarray, bits: int, min_val: float, max_val: float) -> np.ndarray:
+    lo, hi = F32(min_val), F32(max_val)
+    span = hi - lo
+    if span <= 0:
+        return np.full_like(x, lo)
+    levels = F32((1 << bits) - 1)
+    return (np.round((np.clip(x, lo, hi) - lo) / span * levels) / levels * span + lo).astype(F32, copy=False)
+
+
+# ----- Xoshiro256++ normal samples: the recipe of rust/kernels/rng.rs, in uint64 arithmetic -----
+
+LANES = 8
+BLOCK = 4096
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix_mix(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _rotl(x: np.ndarray, k: int) -> np.ndarray:
+    return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
+
+
+def xoshiro_state(seed: int, stream: int, lane_index: np.ndarray) -> list[np.ndarray]:
+    """The four state words of every lane generator (recipe step 1)."""
+    key = splitmix_mix(np.uint64(seed) ^ splitmix_mix(np.uint64(stream) ^ splitmix_mix(lane_index)))
+    return [splitmix_mix(key + _GAMMA * np.uint64(i)) for i in range(1, 5)]
+
+
+def xoshiro_next(s: list[np.ndarray]) -> np.ndarray:
+    """One Xoshiro256++ output per generator; advances the state in place."""
+    s0, s1, s2, s3 = s
+    result = _rotl(s0 + s3, 23) + s0
+    t = s1 << np.uint64(17)
+    s2 ^= s0
+    s3 ^= s1
+    s1 ^= s2
+    s0 ^= s3
+    s2 ^= t
+    s[3] = _rotl(s3, 45)
+    return result
+
+
+def normal(count: int, seed: int, stream: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros(0, dtype=F32)
+    n_blocks = -(-count // BLOCK)
+    steps = -(-min(count, BLOCK) // (2 * LANES))
+    with np.errstate(over="ignore"):
+        state = xoshiro_state(seed, stream, np.arange(n_blocks * LANES, dtype=np.uint64))
+        draws = np.stack([xoshiro_next(state) for _ in range(steps)], axis=0)  # [steps, blocks*lanes]
+    draws = draws.reshape(steps, n_blocks, LANES).transpose(1, 0, 2)  # [blocks, steps, lanes]
+    u1 = ((draws >> np.uint64(40)) + np.uint64(1)).astype(np.float64) / 2.0**24
+    u2 = ((draws >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float64) / 2.0**24
+    r = np.sqrt(-2.0 * np.log(u1))
+    pairs = np.stack([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], axis=-1)
+    return pairs.reshape(n_blocks, -1)[:, :BLOCK].reshape(-1)[:count].astype(F32)
+
+
+def optical_linear(x, weight, bias, precision, noise_level, temp_drift, attenuation, thermal_std, noisy, seed, want_mask):
+    """The optical layer step by step (the Rust kernel fuses the same math per element)."""
+    s = quantize(x, precision, 0.0, 1.0) @ weight.T
+    if noisy:
+        s = s * F32(1 - 0.8 * temp_drift) + s.mean(axis=1, keepdims=True) * F32(temp_drift * 0.5)
+        noise = np.stack([normal(weight.shape[0], seed, row) for row in range(x.shape[0])]) if x.shape[0] else 0
+        s = s + np.sqrt(F32(noise_level**2) * np.abs(s) + F32(thermal_std**2)) * noise
+    analog = (s * F32(attenuation)).astype(F32)
+    y = quantize(analog, precision, 0.0, 1.0)
+    if bias is not None:
+        y = y + bias
+    mask = ((analog >= 0) & (analog <= 1)).astype(np.uint8) if want_mask else None
+    return y.astype(F32, copy=False), mask

@@ -1,0 +1,215 @@
+"""ellm's kernels, with the same signature and results on the Rust and NumPy backends.
+
+Inputs may be anything `numpy.asarray` takes; they are converted to C-contiguous float32
+(a copy only when they are not already). Outputs are new float32 arrays. Shapes that do not fit
+raise ValueError with the shapes in the message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._backend import kernels as _impl
+
+__all__ = [
+    "matmul", "linear", "rms_norm", "rope", "silu", "swiglu", "softmax", "attention",
+    "quantize", "normal", "optical_linear", "rope_scaling_params",
+]
+
+_U64 = 1 << 64
+
+
+def _f32(x: Any, name: str) -> np.ndarray:
+    try:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}: {exc}") from None
+
+
+def _u64(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= int(value) < _U64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return int(value)
+
+
+def matmul(a: Any, b: Any) -> np.ndarray:
+    """`a [..., m, k] @ b [k, n]` -> `[..., m, n]`."""
+    a, b = _f32(a, "a"), _f32(b, "b")
+    if a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
+        raise ValueError(f"matmul: a {a.shape} and b {b.shape} do not fit (a [..., m, k] @ b [k, n])")
+    out = _impl().matmul(a.reshape(-1, a.shape[-1]), b)
+    return out.reshape(*a.shape[:-1], b.shape[1])
+
+
+def linear(x: Any, weight: Any, bias: Any = None) -> np.ndarray:
+    """`x [..., in] @ weight[out, in].T (+ bias[out])`, as torch.nn.functional.linear."""
+    x, w = _f32(x, "x"), _f32(weight, "weight")
+    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: x {x.shape} and weight {w.shape} do not fit (x [..., in], weight [out, in])")
+    b = None
+    if bias is not None:
+        b = _f32(bias, "bias")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"linear: bias {b.shape} does not fit weight {w.shape}")
+    out = _impl().linear(x.reshape(-1, x.shape[-1]), w, b)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def rms_norm(x: Any, weight: Any, eps: float = 1e-5) -> np.ndarray:
+    """`x / sqrt(mean(x**2, -1) + eps) * weight` over the last axis."""
+    x, w = _f32(x, "x"), _f32(weight, "weight")
+    if w.ndim != 1 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"rms_norm: x {x.shape} and weight {w.shape} do not fit")
+    return _impl().rms_norm(x, w, float(eps))
+
+
+def rope_scaling_params(scaling: Mapping[str, Any] | None) -> tuple[str, list[float]]:
+    """A Hugging Face `rope_scaling` dict as (kind, [factor, low, high, original_max]) for the kernels."""
+    if scaling is None:
+        return "none", [1.0, 1.0, 1.0, 1.0]
+    if not isinstance(scaling, Mapping):
+        raise TypeError(f"rope scaling must be a dict or None, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return "none", [1.0, 1.0, 1.0, 1.0]
+    try:
+        factor = float(scaling["factor"])
+        if kind == "linear":
+            return "linear", [factor, 1.0, 1.0, 1.0]
+        if kind == "llama3":
+            params = [factor, float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"]),
+                      float(scaling["original_max_position_embeddings"])]
+            return "llama3", params
+    except KeyError as exc:
+        raise ValueError(f"rope scaling {kind!r} needs the key {exc.args[0]!r}") from None
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'linear', 'llama3'")
+
+
+def rope(x: Any, positions: Any, theta: float = 10000.0, scaling: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Rotary embedding of x `[seq, n_heads, head_dim]` (Hugging Face rotate-half layout)."""
+    x = _f32(x, "x")
+    pos = np.asarray(positions)
+    if x.ndim != 3 or x.shape[2] % 2:
+        raise ValueError(f"rope: x must be [seq, n_heads, head_dim] with an even head_dim, got {x.shape}")
+    if pos.shape != (x.shape[0],) or (pos.size and not np.issubdtype(pos.dtype, np.integer)):
+        raise ValueError(f"rope: positions must be {x.shape[0]} integers, got shape {pos.shape} of {pos.dtype}")
+    if pos.size and pos.min() < 0:
+        raise ValueError("rope: positions must be >= 0")
+    kind, params = rope_scaling_params(scaling)
+    return _impl().rope(x, [int(p) for p in pos], float(theta), kind, params)
+
+
+def silu(x: Any) -> np.ndarray:
+    """`x * sigmoid(x)`."""
+    return _impl().silu(_f32(x, "x"))
+
+
+def swiglu(gate: Any, up: Any) -> np.ndarray:
+    """`silu(gate) * up`."""
+    gate, up = _f32(gate, "gate"), _f32(up, "up")
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {gate.shape} and up {up.shape} differ")
+    return _impl().swiglu(gate, up)
+
+
+def softmax(x: Any, axis: int = -1) -> np.ndarray:
+    """Softmax along `axis`, computed stably (the maximum is subtracted first)."""
+    x = _f32(x, "x")
+    if x.ndim == 0:
+        raise ValueError("softmax needs at least one dimension")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"softmax: axis {axis} is out of range for shape {x.shape}")
+    moved = np.ascontiguousarray(np.moveaxis(x, axis, -1))
+    return np.moveaxis(_impl().softmax(moved), -1, axis)
+
+
+def attention(q: Any, k: Any, v: Any, *, causal: bool = True, start_pos: int = 0, scale: float | None = None) -> np.ndarray:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q `[sq, n_heads, d]`, k and v `[sk, n_kv_heads, d]`; n_heads must be a multiple of
+    n_kv_heads. With `causal`, query i sits at position `start_pos + i` and sees keys
+    `0 ..= start_pos + i`. Returns `[sq, n_heads, d]`.
+    """
+    q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+                         "(q [sq, n_heads, d], k and v [sk, n_kv_heads, d])")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: n_heads ({q.shape[1]}) must be a multiple of n_kv_heads ({k.shape[1]})")
+    if start_pos < 0:
+        raise ValueError(f"attention: start_pos must be >= 0, got {start_pos}")
+    if causal and q.shape[0] and start_pos + q.shape[0] > k.shape[0]:
+        raise ValueError(f"attention: causal queries at positions {start_pos}..{start_pos + q.shape[0] - 1} "
+                         f"need {start_pos + q.shape[0]} keys, got k {k.shape}")
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    return _impl().attention(q, k, v, bool(causal), int(start_pos), scale)
+
+
+def quantize(x: Any, bits: int, min_val: float = 0.0, max_val: float = 1.0) -> np.ndarray:
+    """Uniform fake quantization to `2**bits` levels on [min_val, max_val] (ties round to even)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int in 1..=16, got {bits!r}")
+    if not min_val <= max_val:
+        raise ValueError(f"min_val ({min_val}) must not exceed max_val ({max_val})")
+    return _impl().quantize(_f32(x, "x"), int(bits), float(min_val), float(max_val))
+
+
+def normal(shape: int | Sequence[int], seed: int, stream: int = 0) -> np.ndarray:
+    """Standard-normal float32 samples from Xoshiro256++ (the recipe is in `rust/kernels/rng.rs`).
+
+    The same (seed, stream) gives the same numbers on both backends and any thread count;
+    a longer request extends a shorter one.
+    """
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if any((not isinstance(d, (int, np.integer))) or d < 0 for d in shape):
+        raise ValueError(f"normal: shape must be non-negative ints, got {shape}")
+    count = int(np.prod(shape, dtype=np.int64))
+    return _impl().normal(count, _u64(seed, "seed"), _u64(stream, "stream")).reshape(shape)
+
+
+def optical_linear(
+    x: Any,
+    weight: Any,
+    bias: Any = None,
+    *,
+    precision: int,
+    noise_level: float,
+    temp_drift: float,
+    attenuation: float,
+    training: bool,
+    seed: int,
+    thermal_std: float = 0.005,
+    return_mask: bool = False,
+):
+    """The fused optical layer (see `ellm.optical`): DAC, product, drift and noise (training),
+    attenuation, ADC, bias. x `[..., in]`, weight `[out, in]`. With `return_mask`, also the
+    uint8 mask of outputs whose analog value was inside the ADC range (for the STE backward)."""
+    x, w = _f32(x, "x"), _f32(weight, "weight")
+    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"optical_linear: x {x.shape} and weight {w.shape} do not fit (x [..., in], weight [out, in])")
+    if not np.isfinite(x).all():
+        raise ValueError("optical_linear: x contains NaN or infinite values")
+    b = None
+    if bias is not None:
+        b = _f32(bias, "bias")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"optical_linear: bias {b.shape} does not fit weight {w.shape}")
+    if isinstance(precision, bool) or not isinstance(precision, (int, np.integer)) or not 1 <= precision <= 16:
+        raise ValueError(f"precision must be an int in 1..=16, got {precision!r}")
+    for name, value in (("noise_level", noise_level), ("temp_drift", temp_drift)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    y, mask = _impl().optical_linear(
+        x.reshape(-1, x.shape[-1]), w, b, int(precision), float(noise_level), float(temp_drift),
+        float(attenuation), float(thermal_std), bool(training), _u64(seed, "seed"), bool(return_mask),
+    )
+    y = y.reshape(*x.shape[:-1], w.shape[0])
+    if return_mask:
+        return y, mask.reshape(y.shape)
+    return y

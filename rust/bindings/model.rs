@@ -1,0 +1,156 @@
+//! `ellm._lowlevel.LlamaEngine`: the Rust decoder, one call per step.
+
+use std::collections::HashSet;
+
+use numpy::{PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::{guarded, shape_of, slice, to_array};
+use crate::error::{EllmError, Result};
+use crate::kernels::rope::RopeScaling;
+use crate::model::{Hooks, Llama, LlamaConfig, LogitsWanted};
+
+#[pyclass(module = "ellm._lowlevel")]
+struct LlamaEngine {
+    model: Llama,
+}
+
+fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
+    d.get_item(key)?
+        .ok_or_else(|| PyValueError::new_err(format!("engine config is missing {key:?}")))?
+        .extract::<T>()
+        .map_err(|e| {
+            let e: PyErr = e.into();
+            PyValueError::new_err(format!("engine config {key:?}: {e}"))
+        })
+}
+
+fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
+    let kind: String = get(d, "rope_scaling_kind")?;
+    let p: [f64; 4] = get(d, "rope_scaling_params")?;
+    let rope_scaling = match kind.as_str() {
+        "none" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: p[0] },
+        "llama3" => RopeScaling::Llama3 { factor: p[0], low_freq_factor: p[1], high_freq_factor: p[2], original_max_position_embeddings: p[3] },
+        other => return Err(PyValueError::new_err(format!("unsupported rope scaling {other:?}"))),
+    };
+    Ok(LlamaConfig {
+        vocab_size: get(d, "vocab_size")?,
+        hidden_size: get(d, "hidden_size")?,
+        intermediate_size: get(d, "intermediate_size")?,
+        num_layers: get(d, "num_hidden_layers")?,
+        num_heads: get(d, "num_attention_heads")?,
+        num_kv_heads: get(d, "num_key_value_heads")?,
+        head_dim: get(d, "head_dim")?,
+        rms_norm_eps: get(d, "rms_norm_eps")?,
+        rope_theta: get(d, "rope_theta")?,
+        rope_scaling,
+        attention_bias: get(d, "attention_bias")?,
+        mlp_bias: get(d, "mlp_bias")?,
+        tie_word_embeddings: get(d, "tie_word_embeddings")?,
+        max_seq_len: get(d, "max_seq_len")?,
+        max_batch_size: get(d, "max_batch_size")?,
+    })
+}
+
+/// Calls back into Python for the hook points named in `enabled`.
+struct PyHooks {
+    callback: Py<PyAny>,
+    enabled: HashSet<String>,
+    error: Option<PyErr>,
+}
+
+fn point_name(layer: i32, point: &str) -> String {
+    if layer < 0 {
+        point.to_string()
+    } else {
+        format!("layer{layer}_{point}")
+    }
+}
+
+impl Hooks for PyHooks {
+    fn wants(&self, layer: i32, point: &str) -> bool {
+        self.enabled.contains(&point_name(layer, point))
+    }
+
+    fn fire(&mut self, layer: i32, point: &str, data: &[f32], shape: &[usize]) -> Result<()> {
+        let name = point_name(layer, point);
+        let outcome = Python::attach(|py| -> PyResult<()> {
+            let array = to_array(py, data.to_vec(), shape)?;
+            self.callback.call1(py, (name, array, layer))?;
+            Ok(())
+        });
+        outcome.map_err(|e| {
+            self.error = Some(e);
+            EllmError::Hook
+        })
+    }
+}
+
+#[pymethods]
+impl LlamaEngine {
+    #[new]
+    fn new(config: &Bound<'_, PyDict>) -> PyResult<Self> {
+        let config = config_from_dict(config)?;
+        Ok(LlamaEngine { model: guarded(|| Llama::new(config))? })
+    }
+
+    /// Copy one tensor (a C-contiguous float32 array) into the engine.
+    fn set_weight(&mut self, py: Python<'_>, name: &str, array: PyReadonlyArrayDyn<'_, f32>) -> PyResult<()> {
+        let shape = shape_of(&array);
+        let data = slice(&array, name)?;
+        let model = &mut self.model;
+        py.detach(|| guarded(|| model.set_weight(name, &shape, data.to_vec())))
+    }
+
+    /// Raise ValueError naming every tensor not loaded yet.
+    fn check_loaded(&mut self) -> PyResult<()> {
+        guarded(|| self.model.check_loaded())
+    }
+
+    /// tokens `[batch, seq]` int64 -> logits `[batch, seq, vocab]` (all_logits) or `[batch, vocab]`.
+    #[pyo3(signature = (tokens, start_pos, all_logits, hook=None, hook_names=None))]
+    fn forward<'py>(
+        &mut self,
+        py: Python<'py>,
+        tokens: PyReadonlyArray2<'py, i64>,
+        start_pos: usize,
+        all_logits: bool,
+        hook: Option<Py<PyAny>>,
+        hook_names: Option<HashSet<String>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let shape = tokens.shape().to_vec();
+        let (batch, seq) = (shape[0], shape[1]);
+        let vocab = self.model.config.vocab_size;
+        let ids: Vec<u32> = tokens
+            .as_array()
+            .iter()
+            .map(|&t| if (0..vocab as i64).contains(&t) { Ok(t as u32) } else { Err(t) })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|t| PyValueError::new_err(format!("token id {t} is out of range for vocab_size {vocab}")))?;
+        let mut hooks = match (hook, hook_names) {
+            (Some(callback), Some(enabled)) if !enabled.is_empty() => Some(PyHooks { callback, enabled, error: None }),
+            _ => None,
+        };
+        let wanted = if all_logits { LogitsWanted::All } else { LogitsWanted::Last };
+        let model = &mut self.model;
+        let result = py.detach(|| {
+            guarded(|| {
+                let sink = hooks.as_mut().map(|h| h as &mut dyn Hooks);
+                model.forward(&ids, batch, seq, start_pos, wanted, sink)
+            })
+        });
+        if let Some(err) = hooks.and_then(|h| h.error) {
+            return Err(err);
+        }
+        let logits = result?;
+        let out_shape = if all_logits { vec![batch, seq, vocab] } else { vec![batch, vocab] };
+        to_array(py, logits, &out_shape)
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<LlamaEngine>()
+}

@@ -1,0 +1,13 @@
+//! The one error type of the pure-Rust core. `bindings/` maps it to Python exceptions.
+
+#[derive(Debug, thiserror::Error)]
+pub enum EllmError {
+    /// A bad argument: a shape that does not fit, a value out of range. Python: ValueError.
+    #[error("{0}")]
+    Value(String),
+    /// A hook callback failed; the bindings keep the Python exception itself.
+    #[error("a hook callback raised an exception")]
+    Hook,
+}
+
+pub type Result<T> = std::result::Result<T, EllmError>;

@@ -1,0 +1,113 @@
+//! Scaled dot-product attention with grouped-query heads and a causal mask.
+//!
+//! Keys and values are read through `KvView`, so the same code serves `ops.attention`
+//! (`[seq, kv_heads, d]`) and the model's cache (`[kv_heads, max_seq, d]` per sequence).
+
+use rayon::prelude::*;
+
+use super::simd::{axpy, dot};
+use super::softmax::softmax_in_place;
+use crate::error::{EllmError, Result};
+
+/// Where key/value vector (position t, kv head g) starts: `t * row_stride + g * head_stride`.
+#[derive(Clone, Copy)]
+pub struct KvView<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub head_stride: usize,
+}
+
+impl KvView<'_> {
+    #[inline]
+    fn vector(&self, t: usize, g: usize, d: usize) -> &[f32] {
+        let start = t * self.row_stride + g * self.head_stride;
+        &self.data[start..start + d]
+    }
+}
+
+pub struct AttentionShape {
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub start_pos: usize,
+    pub scale: f32,
+}
+
+impl AttentionShape {
+    pub fn check(&self) -> Result<()> {
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return Err(EllmError::Value(format!(
+                "n_heads ({}) must be a multiple of n_kv_heads ({})",
+                self.n_heads, self.n_kv_heads
+            )));
+        }
+        if self.causal && self.q_len > 0 && self.start_pos + self.q_len > self.kv_len {
+            return Err(EllmError::Value(format!(
+                "causal attention at start_pos {} with {} queries needs {} keys, got {}",
+                self.start_pos, self.q_len, self.start_pos + self.q_len, self.kv_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many keys query i sees.
+    #[inline]
+    fn visible(&self, i: usize) -> usize {
+        if self.causal {
+            self.start_pos + i + 1
+        } else {
+            self.kv_len
+        }
+    }
+}
+
+/// q: `[q_len, n_heads, d]` contiguous; out: the same shape.
+pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &mut [f32]) -> Result<()> {
+    shape.check()?;
+    let d = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    assert_eq!(q.len(), shape.q_len * shape.n_heads * d);
+    assert_eq!(out.len(), q.len());
+    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+        let (i, h) = (idx / shape.n_heads, idx % shape.n_heads);
+        let g = h / group;
+        let qv = &q[idx * d..(idx + 1) * d];
+        let n = shape.visible(i);
+        scores.clear();
+        scores.extend((0..n).map(|t| dot(qv, k.vector(t, g, d)) * shape.scale));
+        softmax_in_place(scores);
+        o.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            axpy(p, v.vector(t, g, d), o);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_key_returns_its_value() {
+        let q = vec![1.0f32, 0.0, 0.0, 1.0]; // 1 query, 2 heads, d = 2
+        let k = vec![0.3f32, 0.4];
+        let v = vec![5.0f32, -6.0];
+        let kv = |data| KvView { data, row_stride: 2, head_stride: 2 };
+        let shape = AttentionShape { q_len: 1, kv_len: 1, n_heads: 2, n_kv_heads: 1, head_dim: 2, causal: true, start_pos: 0, scale: 1.0 };
+        let mut out = vec![0.0; 4];
+        attention(&q, kv(&k), kv(&v), &shape, &mut out).unwrap();
+        assert_eq!(out, vec![5.0, -6.0, 5.0, -6.0]);
+    }
+
+    #[test]
+    fn heads_not_dividing_is_an_error() {
+        let shape = AttentionShape { q_len: 1, kv_len: 1, n_heads: 3, n_kv_heads: 2, head_dim: 2, causal: false, start_pos: 0, scale: 1.0 };
+        let z = [0.0f32; 8];
+        let kv = KvView { data: &z, row_stride: 4, head_stride: 2 };
+        assert!(attention(&[0.0; 6], kv, kv, &shape, &mut [0.0; 6]).is_err());
+    }
+}

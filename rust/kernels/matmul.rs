@@ -1,0 +1,167 @@
+//! Matrix products. GEMM comes from the `gemm` crate; the matrix-vector case (decode, where
+//! the weights are read once per token and memory bandwidth is the limit) is ours: every
+//! weight row is streamed once, in parallel, against all the (few) input rows.
+
+use rayon::prelude::*;
+
+use super::simd::dot;
+
+/// Below this many input rows `linear` streams the weights row by row instead of calling GEMM.
+const GEMV_MAX_ROWS: usize = 8;
+/// Weight rows per parallel task in the streaming path.
+const GEMV_ROWS_PER_TASK: usize = 64;
+
+/// `out[m, n] = a[m, k] @ b[k, n]`, all row-major.
+pub fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(a.len(), m * k);
+    assert_eq!(b.len(), k * n);
+    assert_eq!(out.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // SAFETY: the pointers and strides describe the three buffers checked above.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            out.as_mut_ptr(), 1, n as isize, false,
+            a.as_ptr(), 1, k as isize,
+            b.as_ptr(), 1, n as isize,
+            0.0, 1.0, false, false, false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// `out[m, n] = x[m, k] @ weight[n, k]^T (+ bias[n])`: PyTorch's `nn.Linear`.
+pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(weight.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if m <= GEMV_MAX_ROWS || k == 0 {
+        linear_streaming(x, weight, out, m, k, n);
+    } else {
+        // The weight read as its transpose [k, n]: column stride k, row stride 1.
+        // SAFETY: the pointers and strides describe the buffers checked above.
+        unsafe {
+            gemm::gemm(
+                m, n, k,
+                out.as_mut_ptr(), 1, n as isize, false,
+                x.as_ptr(), 1, k as isize,
+                weight.as_ptr(), k as isize, 1,
+                0.0, 1.0, false, false, false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+    }
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n);
+        for row in out.chunks_exact_mut(n) {
+            for (o, b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+    }
+}
+
+fn linear_streaming(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    if m == 1 {
+        out.par_chunks_mut(GEMV_ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {
+            let first = task * GEMV_ROWS_PER_TASK;
+            for (j, o) in chunk.iter_mut().enumerate() {
+                let row = &weight[(first + j) * k..(first + j + 1) * k];
+                *o = dot(x, row);
+            }
+        });
+        return;
+    }
+    // Several input rows: compute a block of output columns for all of them, reading each
+    // weight row once, then scatter into the row-major output.
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(GEMV_ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|task| {
+            let first = task * GEMV_ROWS_PER_TASK;
+            let last = (first + GEMV_ROWS_PER_TASK).min(n);
+            let mut block = vec![0.0f32; (last - first) * m];
+            for j in first..last {
+                let row = &weight[j * k..(j + 1) * k];
+                for i in 0..m {
+                    block[(j - first) * m + i] = dot(&x[i * k..(i + 1) * k], row);
+                }
+            }
+            (first, block)
+        })
+        .collect();
+    for (first, block) in blocks {
+        let cols = block.len() / m;
+        for jj in 0..cols {
+            for i in 0..m {
+                out[i * n + first + jj] = block[jj * m + i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_linear(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, salt: f32) -> Vec<f32> {
+        (0..len).map(|i| ((i as f32 + salt) * 0.713).sin()).collect()
+    }
+
+    #[test]
+    fn linear_matches_naive_on_both_paths() {
+        for &(m, k, n) in &[(1, 37, 130), (3, 64, 65), (9, 33, 17), (40, 100, 70)] {
+            let x = values(m * k, 1.0);
+            let w = values(n * k, 2.0);
+            let bias = values(n, 3.0);
+            let mut out = vec![0.0; m * n];
+            linear(&x, &w, Some(&bias), &mut out, m, k, n);
+            let mut expect = naive_linear(&x, &w, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    expect[i * n + j] += bias[j];
+                }
+            }
+            for (a, b) in out.iter().zip(&expect) {
+                assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_linear_with_transposed_weight() {
+        let (m, k, n) = (12, 20, 7);
+        let a = values(m * k, 0.5);
+        let b = values(k * n, 1.5);
+        let mut bt = vec![0.0; n * k];
+        for p in 0..k {
+            for j in 0..n {
+                bt[j * k + p] = b[p * n + j];
+            }
+        }
+        let mut out = vec![0.0; m * n];
+        matmul(&a, &b, &mut out, m, k, n);
+        let expect = naive_linear(&a, &bt, m, k, n);
+        for (x, y) in out.iter().zip(&expect) {
+            assert!((x - y).abs() < 1e-4);
+        }
+    }
+}

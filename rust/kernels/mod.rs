@@ -1,0 +1,12 @@
+//! Pure-Rust compute kernels on row-major f32 slices. No PyO3 here: `cargo test` covers them.
+
+pub mod activation;
+pub mod attention;
+pub mod matmul;
+pub mod norm;
+pub mod optical;
+pub mod quantize;
+pub mod rng;
+pub mod rope;
+pub mod simd;
+pub mod softmax;

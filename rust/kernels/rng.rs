@@ -1,0 +1,109 @@
+//! Standard-normal samples from Xoshiro256++, identical for any number of threads.
+//!
+//! The recipe (the NumPy twin in `ellm/numpy_backend/kernels.py` follows it step by step):
+//! 1. The output of `normal(n, seed, stream)` is cut into blocks of `BLOCK` samples. Block `b`
+//!    has `LANES` generators; lane `l` is keyed by `key = mix(seed ^ mix(stream ^ mix(b * LANES + l)))`,
+//!    where `mix` is the SplitMix64 output function, and its state is the next four outputs of a
+//!    SplitMix64 generator started at `key` (`Xoshiro256PlusPlus::from_seed` of those words,
+//!    little-endian).
+//! 2. Step `t` of a block draws one u64 `x` from every lane in order; lane `l`'s draw makes
+//!    samples `16 t + 2 l` and `16 t + 2 l + 1` of the block.
+//! 3. Box–Muller: `u1 = ((x >> 40) + 1) / 2^24` in (0, 1], `u2 = ((x >> 16) & 0xFFFFFF) / 2^24`;
+//!    `r = sqrt(-2 ln u1)`, samples `r cos(2 pi u2)` and `r sin(2 pi u2)`.
+//! Blocks are independent, so they are filled in parallel; the numbers depend only on
+//! (seed, stream, index).
+
+use rand_core::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rayon::prelude::*;
+
+pub const LANES: usize = 8;
+pub const BLOCK: usize = 4096;
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function (Steele, Lea & Flood, 2014).
+#[inline]
+pub fn mix(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The generator of one lane, seeded as step 1 of the recipe says.
+pub fn lane_generator(seed: u64, stream: u64, lane_index: u64) -> Xoshiro256PlusPlus {
+    let key = mix(seed ^ mix(stream ^ mix(lane_index)));
+    let mut state = key;
+    let mut bytes = [0u8; 32];
+    for word in bytes.chunks_exact_mut(8) {
+        state = state.wrapping_add(GOLDEN_GAMMA);
+        word.copy_from_slice(&mix(state).to_le_bytes());
+    }
+    Xoshiro256PlusPlus::from_seed(bytes)
+}
+
+/// Two standard-normal samples from one 64-bit draw.
+#[inline]
+fn box_muller(x: u64) -> (f32, f32) {
+    const INV_2_24: f32 = 1.0 / 16_777_216.0;
+    let u1 = ((x >> 40) + 1) as f32 * INV_2_24;
+    let u2 = ((x >> 16) & 0xFF_FFFF) as f32 * INV_2_24;
+    let r = (-2.0 * u1.ln()).sqrt();
+    let (s, c) = (std::f32::consts::TAU * u2).sin_cos();
+    (r * c, r * s)
+}
+
+/// Fill one block (`out.len() <= BLOCK`).
+pub fn fill_block(out: &mut [f32], seed: u64, stream: u64, block: u64) {
+    let mut lanes: [Xoshiro256PlusPlus; LANES] =
+        std::array::from_fn(|l| lane_generator(seed, stream, block * LANES as u64 + l as u64));
+    let mut draws = [0u64; LANES];
+    for step in out.chunks_mut(2 * LANES) {
+        for (d, lane) in draws.iter_mut().zip(lanes.iter_mut()) {
+            *d = lane.next_u64();
+        }
+        for (pair, &x) in step.chunks_mut(2).zip(draws.iter()) {
+            let (a, b) = box_muller(x);
+            pair[0] = a;
+            if pair.len() > 1 {
+                pair[1] = b;
+            }
+        }
+    }
+}
+
+/// The first `out.len()` samples of stream (seed, stream).
+pub fn fill_normal(out: &mut [f32], seed: u64, stream: u64) {
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, block)| fill_block(block, seed, stream, b as u64));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xoshiro_reference_outputs() {
+        let mut seed = [0u8; 32];
+        for (i, w) in [1u64, 2, 3, 4].iter().enumerate() {
+            seed[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        let mut rng = Xoshiro256PlusPlus::from_seed(seed);
+        assert_eq!(rng.next_u64(), 41943041);
+        assert_eq!(rng.next_u64(), 58720359);
+        assert_eq!(rng.next_u64(), 3588806011781223);
+    }
+
+    #[test]
+    fn moments_and_reproducibility() {
+        let mut a = vec![0.0f32; 200_000];
+        fill_normal(&mut a, 7, 3);
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.01, "var {var}");
+        let mut b = vec![0.0f32; 5000];
+        fill_normal(&mut b, 7, 3);
+        assert_eq!(&a[..5000], &b[..]);
+        fill_normal(&mut b, 7, 4);
+        assert_ne!(&a[..5000], &b[..]);
+    }
+}

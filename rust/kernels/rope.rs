@@ -1,0 +1,124 @@
+//! Rotary position embedding (Su et al., 2021) in Hugging Face's "rotate half" layout: the
+//! pair rotated together is (x[i], x[i + d/2]).
+
+use rayon::prelude::*;
+
+use crate::error::{EllmError, Result};
+
+/// Hugging Face `rope_scaling` types we implement.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (all frequencies scaled alike).
+    Linear { factor: f64 },
+    /// Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// The `head_dim / 2` rotation frequencies, after scaling.
+pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Result<Vec<f32>> {
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(EllmError::Value(format!("rope needs an even head_dim, got {head_dim}")));
+    }
+    if !(theta > 0.0) {
+        return Err(EllmError::Value(format!("rope theta must be positive, got {theta}")));
+    }
+    let base: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect();
+    let scaled: Vec<f64> = match *scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            let low_freq_wavelen = old / low_freq_factor;
+            let high_freq_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    };
+    Ok(scaled.into_iter().map(|f| f as f32).collect())
+}
+
+/// cos and sin of every (position, frequency) angle, `[positions.len(), inv_freq.len()]` each.
+/// The angle is formed in f32 as Hugging Face does, then its cos and sin taken exactly.
+pub fn cos_sin_table(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let mut cos = vec![0.0f32; positions.len() * half];
+    let mut sin = vec![0.0f32; positions.len() * half];
+    for (p, &pos) in positions.iter().enumerate() {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let angle = (pos as f32 * f) as f64;
+            cos[p * half + i] = angle.cos() as f32;
+            sin[p * half + i] = angle.sin() as f32;
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotate one head vector in place with one row of the cos/sin table.
+#[inline]
+pub fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (lo, hi) = x.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (lo[i], hi[i]);
+        lo[i] = a * cos[i] - b * sin[i];
+        hi[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// x: `[seq, n_heads, head_dim]`, rotated in place; token s sits at `positions[s]`.
+pub fn rope(x: &mut [f32], positions: &[usize], n_heads: usize, head_dim: usize, inv_freq: &[f32]) {
+    assert_eq!(x.len(), positions.len() * n_heads * head_dim);
+    assert_eq!(inv_freq.len() * 2, head_dim);
+    let (cos, sin) = cos_sin_table(positions, inv_freq);
+    let half = head_dim / 2;
+    x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(s, token)| {
+        let (c, sn) = (&cos[s * half..(s + 1) * half], &sin[s * half..(s + 1) * half]);
+        for head in token.chunks_exact_mut(head_dim) {
+            rotate_half(head, c, sn);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_zero_is_identity_and_norm_is_kept() {
+        let f = inv_freq(8, 10000.0, &RopeScaling::None).unwrap();
+        let orig: Vec<f32> = (0..16).map(|i| i as f32 - 3.0).collect();
+        let mut x = orig.clone();
+        rope(&mut x, &[0, 5], 1, 8, &f);
+        assert_eq!(&x[..8], &orig[..8]);
+        let n0: f32 = orig[8..].iter().map(|v| v * v).sum();
+        let n1: f32 = x[8..].iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-3);
+    }
+
+    #[test]
+    fn llama3_keeps_high_and_slows_low_frequencies() {
+        let s = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+        let plain = inv_freq(128, 500000.0, &RopeScaling::None).unwrap();
+        let scaled = inv_freq(128, 500000.0, &s).unwrap();
+        assert_eq!(plain[0], scaled[0]);
+        assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn odd_head_dim_is_an_error() {
+        assert!(inv_freq(7, 10000.0, &RopeScaling::None).is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! The model's shape; mirrors the Python `ModelArgs` fields the engine needs.
+
+use crate::error::{EllmError, Result};
+use crate::kernels::rope::RopeScaling;
+
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub max_seq_len: usize,
+    pub max_batch_size: usize,
+}
+
+impl LlamaConfig {
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_seq_len", self.max_seq_len),
+            ("max_batch_size", self.max_batch_size),
+        ];
+        for (name, v) in sizes {
+            if v == 0 {
+                return Err(EllmError::Value(format!("{name} must be positive")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(EllmError::Value(format!(
+                "num_attention_heads ({}) must be divisible by num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(EllmError::Value(format!("head_dim must be even for rope, got {}", self.head_dim)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! How the model's tensors are stored, under their Hugging Face names.
+//!
+//! Every matrix is a `Matrix`; today its storage is f32. A quantized storage (GGUF blocks
+//! multiplied directly) is a new `Storage` variant with its own `linear`.
+
+use super::config::LlamaConfig;
+use crate::error::{EllmError, Result};
+use crate::kernels::matmul;
+
+pub enum Storage {
+    F32(Vec<f32>),
+}
+
+/// A `[rows, cols]` weight used as `x @ W^T`.
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub storage: Storage,
+}
+
+impl Matrix {
+    /// `out[m, rows] = x[m, cols] @ self^T (+ bias)`
+    pub fn linear(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+        match &self.storage {
+            Storage::F32(w) => matmul::linear(x, w, bias, out, m, self.cols, self.rows),
+        }
+    }
+
+    /// Row `i` as f32 (the embedding lookup).
+    pub fn row(&self, i: usize) -> &[f32] {
+        match &self.storage {
+            Storage::F32(w) => &w[i * self.cols..(i + 1) * self.cols],
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct LayerWeights {
+    pub input_layernorm: Vec<f32>,
+    pub q_proj: Option<Matrix>,
+    pub k_proj: Option<Matrix>,
+    pub v_proj: Option<Matrix>,
+    pub o_proj: Option<Matrix>,
+    pub q_bias: Option<Vec<f32>>,
+    pub k_bias: Option<Vec<f32>>,
+    pub v_bias: Option<Vec<f32>>,
+    pub o_bias: Option<Vec<f32>>,
+    pub post_attention_layernorm: Vec<f32>,
+    pub gate_proj: Option<Matrix>,
+    pub up_proj: Option<Matrix>,
+    pub down_proj: Option<Matrix>,
+    pub gate_bias: Option<Vec<f32>>,
+    pub up_bias: Option<Vec<f32>>,
+    pub down_bias: Option<Vec<f32>>,
+}
+
+#[derive(Default)]
+pub struct Weights {
+    pub embed_tokens: Option<Matrix>,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Vec<f32>,
+    pub lm_head: Option<Matrix>,
+}
+
+/// The shape every tensor of a model with this config must have, by Hugging Face name.
+pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}.");
+        let mut add = |name: &str, shape: Vec<usize>| shapes.push((format!("{p}{name}"), shape));
+        add("input_layernorm.weight", vec![h]);
+        add("self_attn.q_proj.weight", vec![q, h]);
+        add("self_attn.k_proj.weight", vec![kv, h]);
+        add("self_attn.v_proj.weight", vec![kv, h]);
+        add("self_attn.o_proj.weight", vec![h, q]);
+        if cfg.attention_bias {
+            add("self_attn.q_proj.bias", vec![q]);
+            add("self_attn.k_proj.bias", vec![kv]);
+            add("self_attn.v_proj.bias", vec![kv]);
+            add("self_attn.o_proj.bias", vec![h]);
+        }
+        add("post_attention_layernorm.weight", vec![h]);
+        add("mlp.gate_proj.weight", vec![i, h]);
+        add("mlp.up_proj.weight", vec![i, h]);
+        add("mlp.down_proj.weight", vec![h, i]);
+        if cfg.mlp_bias {
+            add("mlp.gate_proj.bias", vec![i]);
+            add("mlp.up_proj.bias", vec![i]);
+            add("mlp.down_proj.bias", vec![h]);
+        }
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        shapes.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    shapes
+}
+
+/// Where one named tensor lives inside `Weights`.
+enum Slot<'a> {
+    Vector(&'a mut Vec<f32>),
+    Bias(&'a mut Option<Vec<f32>>),
+    Matrix(&'a mut Option<Matrix>),
+}
+
+impl Slot<'_> {
+    fn is_set(&self) -> bool {
+        match self {
+            Slot::Vector(v) => !v.is_empty(),
+            Slot::Bias(b) => b.is_some(),
+            Slot::Matrix(m) => m.is_some(),
+        }
+    }
+}
+
+impl Weights {
+    pub fn empty(cfg: &LlamaConfig) -> Self {
+        Weights { layers: (0..cfg.num_layers).map(|_| LayerWeights::default()).collect(), ..Default::default() }
+    }
+
+    fn slot(&mut self, name: &str) -> Option<Slot<'_>> {
+        match name {
+            "model.embed_tokens.weight" => return Some(Slot::Matrix(&mut self.embed_tokens)),
+            "model.norm.weight" => return Some(Slot::Vector(&mut self.norm)),
+            "lm_head.weight" => return Some(Slot::Matrix(&mut self.lm_head)),
+            _ => {}
+        }
+        let (idx, field) = name.strip_prefix("model.layers.")?.split_once('.')?;
+        let l = self.layers.get_mut(idx.parse::<usize>().ok()?)?;
+        Some(match field {
+            "input_layernorm.weight" => Slot::Vector(&mut l.input_layernorm),
+            "post_attention_layernorm.weight" => Slot::Vector(&mut l.post_attention_layernorm),
+            "self_attn.q_proj.weight" => Slot::Matrix(&mut l.q_proj),
+            "self_attn.k_proj.weight" => Slot::Matrix(&mut l.k_proj),
+            "self_attn.v_proj.weight" => Slot::Matrix(&mut l.v_proj),
+            "self_attn.o_proj.weight" => Slot::Matrix(&mut l.o_proj),
+            "self_attn.q_proj.bias" => Slot::Bias(&mut l.q_bias),
+            "self_attn.k_proj.bias" => Slot::Bias(&mut l.k_bias),
+            "self_attn.v_proj.bias" => Slot::Bias(&mut l.v_bias),
+            "self_attn.o_proj.bias" => Slot::Bias(&mut l.o_bias),
+            "mlp.gate_proj.weight" => Slot::Matrix(&mut l.gate_proj),
+            "mlp.up_proj.weight" => Slot::Matrix(&mut l.up_proj),
+            "mlp.down_proj.weight" => Slot::Matrix(&mut l.down_proj),
+            "mlp.gate_proj.bias" => Slot::Bias(&mut l.gate_bias),
+            "mlp.up_proj.bias" => Slot::Bias(&mut l.up_bias),
+            "mlp.down_proj.bias" => Slot::Bias(&mut l.down_bias),
+            _ => return None,
+        })
+    }
+
+    /// Store one tensor under its Hugging Face name, checking its shape.
+    pub fn set(&mut self, cfg: &LlamaConfig, name: &str, shape: &[usize], data: Vec<f32>) -> Result<()> {
+        let expected = expected_shapes(cfg)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+            .ok_or_else(|| EllmError::Value(format!("unexpected weight {name:?} for this config")))?;
+        if expected != shape || data.len() != shape.iter().product::<usize>() {
+            return Err(EllmError::Value(format!("weight {name:?} has shape {shape:?}, expected {expected:?}")));
+        }
+        match self.slot(name).expect("every expected name has a slot") {
+            Slot::Vector(v) => *v = data,
+            Slot::Bias(b) => *b = Some(data),
+            Slot::Matrix(m) => *m = Some(Matrix { rows: shape[0], cols: shape[1], storage: Storage::F32(data) }),
+        }
+        Ok(())
+    }
+
+    /// The names of the tensors not set yet.
+    pub fn missing(&mut self, cfg: &LlamaConfig) -> Vec<String> {
+        expected_shapes(cfg)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| !self.slot(n).is_some_and(|s| s.is_set()))
+            .collect()
+    }
+}
