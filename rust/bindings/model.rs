@@ -105,6 +105,10 @@ impl LlamaEngine {
         py.detach(|| guarded(|| model.set_weight(name, &shape, data.to_vec())))
     }
 
+    fn reset_cache(&mut self) {
+        self.model.reset_cache();
+    }
+
     /// Raise ValueError naming every tensor not loaded yet.
     fn check_loaded(&mut self) -> PyResult<()> {
         guarded(|| self.model.check_loaded())

@@ -19,6 +19,11 @@ impl KvCache {
         KvCache { keys: vec![0.0; len], values: vec![0.0; len], batch, kv_heads, max_seq_len, head_dim }
     }
 
+    pub fn reset(&mut self) {
+        self.keys.fill(0.0);
+        self.values.fill(0.0);
+    }
+
     fn sequence_len(&self) -> usize {
         self.kv_heads * self.max_seq_len * self.head_dim
     }

@@ -88,6 +88,10 @@ impl Llama {
         self.weights.set(&self.config, name, shape, data)
     }
 
+    pub fn reset_cache(&mut self) {
+        self.cache.reset();
+    }
+
     pub fn check_loaded(&mut self) -> Result<()> {
         let missing = self.weights.missing(&self.config);
         if missing.is_empty() {

@@ -1,0 +1,216 @@
+"""ModelArgs: a Llama model's shape, with Hugging Face LlamaConfig names and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ops import rope_scaling_params
+
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+def _id_list(value: Any, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a list of ints, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be an int or a list of ints, got {value!r}")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    bos_token_id: Any = 1
+    eos_token_id: Any = 2
+    pad_token_id: int | None = None
+    max_seq_len: int | None = None
+    max_batch_size: int = 4
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.bos_token_id = _id_list(self.bos_token_id, "bos_token_id")
+        self.eos_token_id = _id_list(self.eos_token_id, "eos_token_id")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.max_seq_len is None:
+            self.max_seq_len = min(2048, self.max_position_embeddings)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // max(self.num_attention_heads, 1)
+
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.resolved_head_dim
+
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.resolved_head_dim
+
+    def validate(self) -> bool:
+        """True, or ValueError naming the broken constraint."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "max_seq_len", "max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise ValueError(f"head_dim must be a positive int, got {self.head_dim!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads}) when head_dim is not given")
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"rms_norm_eps and rope_theta must be positive, got {self.rms_norm_eps}, {self.rope_theta}")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {SUPPORTED_ACTIVATIONS}")
+        rope_scaling_params(self.rope_scaling)
+        return True
+
+    # ----- conversion -----
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        if not isinstance(d, dict):
+            raise TypeError(f"ModelArgs.from_dict takes a dict, got {type(d).__name__}")
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = dict(d.pop("extra", {}) or {})
+        if "rope_parameters" in d and isinstance(d["rope_parameters"], dict):
+            params = dict(d.pop("rope_parameters"))
+            if "rope_theta" in params:
+                d.setdefault("rope_theta", params.pop("rope_theta"))
+            if params.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", params)
+        if "torch_dtype" in d:
+            d.setdefault("dtype", d.pop("torch_dtype"))
+        known = {k: v for k, v in d.items() if k in names}
+        extra.update({k: v for k, v in d.items() if k not in names})
+        try:
+            args = cls(**known, extra=extra)
+        except TypeError as exc:
+            raise TypeError(f"ModelArgs: {exc}") from None
+        for key in ("rope_theta", "rms_norm_eps"):
+            value = getattr(args, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key} must be a number, got {value!r}")
+        return args
+
+    @classmethod
+    def from_config_file(cls, path: str | os.PathLike) -> ModelArgs:
+        """A Hugging Face config.json or Meta's params.json."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no model config at {path}")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                d = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        if "dim" in d and "n_layers" in d:
+            d = _from_meta_params(d)
+        return cls.from_dict(d)
+
+    def engine_config(self) -> dict:
+        """What the Rust engine's constructor takes."""
+        kind, params = rope_scaling_params(self.rope_scaling)
+        return {
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.resolved_head_dim, "rms_norm_eps": float(self.rms_norm_eps),
+            "rope_theta": float(self.rope_theta), "rope_scaling_kind": kind, "rope_scaling_params": params,
+            "attention_bias": bool(self.attention_bias), "mlp_bias": bool(self.mlp_bias),
+            "tie_word_embeddings": bool(self.tie_word_embeddings), "max_seq_len": self.max_seq_len,
+            "max_batch_size": self.max_batch_size,
+        }
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the model by Hugging Face name, with its shape."""
+        h, q, kv, i = self.hidden_size, self.q_dim(), self.kv_dim(), self.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        for layer in range(self.num_hidden_layers):
+            p = f"model.layers.{layer}."
+            shapes[p + "input_layernorm.weight"] = (h,)
+            for proj, out_dim, in_dim in (("q", q, h), ("k", kv, h), ("v", kv, h), ("o", h, q)):
+                shapes[f"{p}self_attn.{proj}_proj.weight"] = (out_dim, in_dim)
+                if self.attention_bias:
+                    shapes[f"{p}self_attn.{proj}_proj.bias"] = (out_dim,)
+            shapes[p + "post_attention_layernorm.weight"] = (h,)
+            for proj, out_dim, in_dim in (("gate", i, h), ("up", i, h), ("down", h, i)):
+                shapes[f"{p}mlp.{proj}_proj.weight"] = (out_dim, in_dim)
+                if self.mlp_bias:
+                    shapes[f"{p}mlp.{proj}_proj.bias"] = (out_dim,)
+        shapes["model.norm.weight"] = (h,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, h)
+        return shapes
+
+    def num_parameters(self) -> int:
+        total = 0
+        for shape in self.expected_shapes().values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+def _from_meta_params(p: dict) -> dict:
+    """Meta's params.json in Hugging Face names (FFN size as Meta's model.py computes it)."""
+    dim = p["dim"]
+    hidden = int(2 * (4 * dim) / 3)
+    if p.get("ffn_dim_multiplier") is not None:
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    multiple_of = p.get("multiple_of", 256)
+    hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    vocab = p.get("vocab_size", -1)
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise ValueError(f"params.json: vocab_size must be a positive int, got {vocab!r}")
+    d = {
+        "hidden_size": dim, "num_hidden_layers": p["n_layers"], "num_attention_heads": p["n_heads"],
+        "num_key_value_heads": p.get("n_kv_heads") or p["n_heads"], "intermediate_size": hidden,
+        "rms_norm_eps": p.get("norm_eps", 1e-5), "rope_theta": p.get("rope_theta", 10000.0), "vocab_size": vocab,
+    }
+    if p.get("use_scaled_rope"):
+        d["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    known = {"dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+             "rope_theta", "vocab_size", "use_scaled_rope"}
+    d.update({k: v for k, v in p.items() if k not in known})
+    return d

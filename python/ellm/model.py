@@ -1,0 +1,298 @@
+"""Transformer: a Llama-family decoder with a KV cache, on the Rust engine or the NumPy model.
+
+The API follows Meta's llama `model.py`/`generation.py` (`forward(tokens, start_pos)`,
+`generate(prompt_tokens, ...)`) with Hugging Face config and weight names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._backend import get_backend
+from .config import ModelArgs
+from .errors import ModelFormatError
+from .hooks import HookRegistry, hook_point_names
+from .sampling import apply_repetition_penalty, log_softmax, sample
+
+
+def _as_float32(value: Any, name: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu()
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+            value = value.float()
+    try:
+        return np.ascontiguousarray(np.asarray(value), dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"weight {name!r} is not an array: {exc}") from None
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    shape = getattr(value, "shape", None)
+    return tuple(int(d) for d in (shape if shape is not None else np.shape(value)))
+
+
+def as_token_array(sequences: Any) -> np.ndarray:
+    """A rectangular `[batch, seq]` int64 array of token ids (a single list is one sequence)."""
+    if isinstance(sequences, np.ndarray):
+        arr = sequences
+    else:
+        seqs = list(sequences)
+        if seqs and not isinstance(seqs[0], (list, tuple, np.ndarray)):
+            seqs = [seqs]
+        lengths = {len(s) for s in seqs}
+        if len(lengths) > 1:
+            raise ValueError(f"sequences must all have the same length for forward, got lengths {sorted(lengths)}")
+        arr = np.array(seqs)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"tokens must be a non-empty [batch, seq] array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+class Transformer:
+    """A Llama-family decoder. Build with `Transformer(args)` and `load_state_dict`, or with
+    `Transformer.from_pretrained(path)` (a Hugging Face folder or a .gguf file)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        if not isinstance(args, ModelArgs):
+            raise TypeError(f"Transformer takes a ModelArgs, got {type(args).__name__}")
+        args.validate()
+        self.model_args = args
+        self.backend = get_backend()
+        self.weights_loaded = False
+        self.source: str | None = None
+        self._engine = self._new_engine()
+        self._registry: HookRegistry | None = None
+        self._prefix = ""
+
+    @property
+    def config(self) -> ModelArgs:
+        return self.model_args
+
+    def _new_engine(self):
+        if self.backend == "rust":
+            from . import _lowlevel
+
+            return _lowlevel.LlamaEngine(self.model_args.engine_config())
+        from .numpy_backend.llama import NumpyLlama
+
+        return NumpyLlama(self.model_args)
+
+    # ----- loading -----
+
+    def _install(self, tensors: Iterable[tuple[str, Callable[[], Any]]], complete: bool) -> None:
+        """Fill a new engine tensor by tensor; swap it in only when every tensor went in."""
+        engine = self._new_engine()
+        for name, get in tensors:
+            array = _as_float32(get(), name)
+            engine.set_weight(name, array)
+            del array
+        if complete:
+            engine.check_loaded()
+        self._engine = engine
+        self.weights_loaded = complete
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Load Hugging Face-named tensors (NumPy arrays, torch tensors, anything with __array__).
+        On any error the previous weights stay in place."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        expected = self.model_args.expected_shapes()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {', '.join(missing)}")
+            if unexpected:
+                parts.append(f"unexpected keys: {', '.join(unexpected)}")
+            raise ValueError("load_state_dict: " + "; ".join(parts))
+        for name in expected:
+            if name in state_dict and _shape_of(state_dict[name]) != expected[name]:
+                raise ValueError(f"load_state_dict: {name!r} has shape {_shape_of(state_dict[name])}, "
+                                 f"expected {expected[name]}")
+        present = [n for n in expected if n in state_dict]
+        self._install(((n, lambda n=n: state_dict[n]) for n in present), complete=not missing)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, max_seq_len: int | None = None,
+                        max_batch_size: int | None = None, progress: Callable | None = None) -> Transformer:
+        """Load a Hugging Face folder (config.json + safetensors) or a .gguf file.
+
+        `progress`, if given, wraps the iterable of tensor names (e.g. `tqdm`)."""
+        from .weights import open_checkpoint
+
+        ckpt = open_checkpoint(path)
+        if ckpt.args is None:
+            raise ModelFormatError(f"{path}: no config.json beside the weights, so the model's shape is unknown")
+        args = ckpt.args
+        if max_batch_size is not None:
+            args.max_batch_size = max_batch_size
+        args.max_seq_len = min(max_seq_len, args.max_position_embeddings) if max_seq_len else args.max_seq_len
+        model = cls(args)
+        expected = args.expected_shapes()
+        missing = [n for n in expected if n not in ckpt.tensors]
+        if missing:
+            raise ModelFormatError(f"{path}: tensors missing: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        for name, shape in expected.items():
+            if ckpt.tensors[name].shape != shape:
+                raise ModelFormatError(f"{path}: tensor {name!r} has shape {ckpt.tensors[name].shape}, expected {shape}")
+        names: Iterable[str] = list(expected)
+        if progress is not None:
+            names = progress(names)
+        model._install(((n, lambda n=n: ckpt.load(n)) for n in names), complete=True)
+        model.source = os.fspath(path)
+        return model
+
+    # ----- hooks -----
+
+    def set_hook_registry(self, registry: HookRegistry | None, prefix: str = "") -> None:
+        """Fire the registry's hooks during forward and generate; with a prefix every point fires
+        as `prefix + "_" + name`. None removes the registry."""
+        if registry is not None and not isinstance(registry, HookRegistry):
+            raise TypeError(f"expected a HookRegistry or None, got {type(registry).__name__}")
+        self._registry = registry
+        self._prefix = prefix
+
+    def hook_points(self) -> list[str]:
+        """Every hook point name this model fires."""
+        return hook_point_names(self.model_args.num_hidden_layers)
+
+    def _public_name(self, point: str) -> str:
+        return f"{self._prefix}_{point}" if self._prefix else point
+
+    def _hook_args(self) -> tuple[Callable | None, set[str] | None]:
+        registry = self._registry
+        if registry is None or not registry.has_hooks():
+            return None, None
+        enabled = {p for p in self.hook_points() if registry.matching([self._public_name(p)])}
+        if not enabled:
+            return None, None
+
+        def call(point: str, tensor: np.ndarray, layer: int) -> None:
+            registry.call_hook(self._public_name(point), tensor, layer)
+
+        return call, enabled
+
+    # ----- running -----
+
+    def _check_tokens(self, tokens: np.ndarray, start_pos: int) -> None:
+        a = self.model_args
+        if not self.weights_loaded:
+            raise ValueError("the model has no weights: call load_state_dict or use Transformer.from_pretrained")
+        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
+            raise ValueError(f"start_pos must be an int >= 0, got {start_pos!r}")
+        batch, seq = tokens.shape
+        if batch > a.max_batch_size:
+            raise ValueError(f"batch of {batch} exceeds max_batch_size {a.max_batch_size}")
+        if start_pos + seq > a.max_seq_len:
+            raise ValueError(f"start_pos {start_pos} + {seq} tokens exceeds max_seq_len {a.max_seq_len}")
+        bad = tokens[(tokens < 0) | (tokens >= a.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is out of range for vocab_size {a.vocab_size}")
+
+    def _step(self, tokens: np.ndarray, start_pos: int, all_logits: bool) -> np.ndarray:
+        self._check_tokens(tokens, start_pos)
+        hook, names = self._hook_args()
+        return self._engine.forward(tokens, int(start_pos), all_logits, hook, names)
+
+    def forward(self, sequences: Any, start_pos: int = 0) -> np.ndarray:
+        """Logits `[batch, seq, vocab]` (float32) of every position; sequence b's tokens sit at
+        positions start_pos.. and the KV cache keeps them for later calls."""
+        return self._step(as_token_array(sequences), start_pos, all_logits=True)
+
+    __call__ = forward
+
+    def reset_cache(self) -> None:
+        self._engine.reset_cache()
+
+    def generate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        seed: int | None = None,
+        stop_tokens: Iterable[int] | None = None,
+        repetition_penalty: float = 1.0,
+        on_token: Callable[[np.ndarray, int], None] | None = None,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Meta's `Llama.generate`: ragged prompts batched, stop at an eos id or a stop token.
+
+        Returns (tokens, logprobs or None), one list per prompt. `on_token(next_ids, position)`
+        is called after every step (streaming uses it)."""
+        a = self.model_args
+        prompts = [list(map(int, p)) for p in prompt_tokens]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one non-empty prompt")
+        if len(prompts) > a.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompts exceed max_batch_size {a.max_batch_size}")
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
+        if max_len > a.max_seq_len:
+            raise ValueError(f"a prompt of {max_len} tokens exceeds max_seq_len {a.max_seq_len}")
+        total_len = min(a.max_seq_len, max_gen_len + max_len)
+        pad = 0
+        tokens = np.full((len(prompts), total_len), pad, dtype=np.int64)
+        in_prompt = np.zeros_like(tokens, dtype=bool)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+            in_prompt[b, :len(p)] = True
+        token_logprobs = np.zeros(tokens.shape, dtype=np.float64)
+        stops = set(a.eos_token_id or []) | set(stop_tokens or [])
+        stop_array = np.array(sorted(stops), dtype=np.int64)
+        done = np.zeros(len(prompts), dtype=bool)
+        rng = np.random.default_rng(seed)
+
+        prev = 0
+        for cur in range(min_len, total_len):
+            chunk = tokens[:, prev:cur]
+            if logprobs:
+                all_logits = self._step(chunk, prev, all_logits=True)  # [batch, n, vocab]
+                lp = log_softmax(all_logits)
+                targets = tokens[:, prev + 1:cur + 1]
+                n = targets.shape[1]
+                token_logprobs[:, prev + 1:cur + 1] = np.take_along_axis(lp[:, :n], targets[..., None], -1)[..., 0]
+                logits = all_logits[:, -1]
+            else:
+                logits = self._step(chunk, prev, all_logits=False)
+            if repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, [tokens[b, :cur] for b in range(len(prompts))], repetition_penalty)
+            chosen = sample(logits, temperature, top_p, top_k, rng)
+            chosen = np.where(in_prompt[:, cur], tokens[:, cur], chosen)
+            tokens[:, cur] = chosen
+            if logprobs:
+                token_logprobs[:, cur] = log_softmax(logits)[np.arange(len(prompts)), chosen]
+            done |= ~in_prompt[:, cur] & np.isin(chosen, stop_array)
+            if on_token is not None:
+                on_token(np.where(in_prompt[:, cur], -1, chosen), cur)
+            prev = cur
+            if done.all():
+                break
+
+        out_tokens, out_logprobs = [], []
+        for b, p in enumerate(prompts):
+            start = 0 if echo else len(p)
+            toks = tokens[b, start:min(len(p) + max_gen_len, prev + 1)].tolist()
+            probs = token_logprobs[b, start:start + len(toks)].tolist()
+            gen_from = len(p) - start
+            for i in range(gen_from, len(toks)):
+                if toks[i] in stops:
+                    toks, probs = toks[:i], probs[:i]
+                    break
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, (out_logprobs if logprobs else None)

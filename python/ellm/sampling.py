@@ -1,0 +1,44 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus), and the
+repetition penalty of Keskar et al. (2019) as Hugging Face applies it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
+    """logits `[batch, vocab]`; seen[b] are the ids sequence b holds so far."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.copy()
+    for b, ids in enumerate(seen):
+        ids = np.unique(ids)
+        vals = logits[b, ids]
+        logits[b, ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
+    """One id per row of `[batch, vocab]` logits. Temperature 0 is greedy."""
+    if temperature <= 0:
+        return np.argmax(logits, axis=-1)
+    probs = np.exp(log_softmax(logits / temperature))
+    out = np.empty(len(probs), dtype=np.int64)
+    for b, p in enumerate(probs):
+        order = np.argsort(-p, kind="stable")
+        sorted_p = p[order]
+        if top_k is not None and top_k > 0:
+            sorted_p[top_k:] = 0.0
+        if top_p < 1.0:
+            # Keep the smallest prefix whose mass reaches top_p (Meta's sample_top_p).
+            cumulative = np.cumsum(sorted_p)
+            sorted_p[cumulative - sorted_p > top_p] = 0.0
+        sorted_p /= sorted_p.sum()
+        out[b] = order[rng.choice(len(sorted_p), p=sorted_p)]
+    return out

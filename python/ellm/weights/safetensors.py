@@ -1,0 +1,97 @@
+"""safetensors checkpoints (a file, a folder, or a sharded folder with an index).
+
+The header is read as the format defines it (8-byte length, JSON) and each tensor is mapped
+with `numpy.memmap` only while it is converted, so loading never holds a second copy of the
+model: NumPy has no bfloat16, which is why we map the bytes ourselves rather than going
+through `safetensors.numpy`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from ..config import ModelArgs
+from ..errors import ModelFormatError
+from . import Checkpoint, TensorInfo
+
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(header without __metadata__, offset of the data section)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise ModelFormatError(f"{path} is not a safetensors file: shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise ModelFormatError(f"{path} is truncated: its header says {n} bytes, the file has {size - 8} after the length")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFormatError(f"{path} has a corrupt safetensors header: {exc}") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if data_start + end > size:
+            raise ModelFormatError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}")
+    return header, data_start
+
+
+def _files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+        return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not found:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    return found
+
+
+def open_safetensors(path: str) -> Checkpoint:
+    where: dict[str, tuple[str, int, dict]] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for file in _files(path):
+        header, data_start = read_header(file)
+        for name, entry in header.items():
+            dtype, shape = entry["dtype"], tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            tensors[name] = TensorInfo(shape=shape, dtype=dtype, nbytes=end - begin)
+            where[name] = (file, data_start, entry)
+
+    def load(name: str) -> np.ndarray:
+        file, data_start, entry = where[name]
+        dtype, shape = entry["dtype"], tuple(entry["shape"])
+        if dtype not in _NUMPY_DTYPES:
+            raise ModelFormatError(f"tensor {name!r} has dtype {dtype}; ellm reads F32, F16, BF16 and F64")
+        begin, end = entry["data_offsets"]
+        count = int(np.prod(shape, dtype=np.int64))
+        if count * _ITEMSIZE[dtype] != end - begin:
+            raise ModelFormatError(f"tensor {name!r}: shape {shape} of {dtype} does not match its {end - begin} bytes")
+        mapped = np.memmap(file, dtype=_NUMPY_DTYPES[dtype], mode="r", offset=data_start + begin, shape=(count,))
+        if dtype == "BF16":
+            out = (mapped.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = np.array(mapped, dtype=np.float32)
+        del mapped
+        return out.reshape(shape)
+
+    args = None
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        args = ModelArgs.from_config_file(os.path.join(folder, "config.json"))
+    return Checkpoint(path=path, args=args, tensors=tensors, load=load, format="safetensors")
