@@ -7,7 +7,8 @@ The API follows Meta's llama `model.py`/`generation.py` (`forward(tokens, start_
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,7 @@ class Transformer:
         self._engine = self._new_engine()
         self._registry: HookRegistry | None = None
         self._prefix = ""
+        self.last_timings: dict[str, float] = {}
 
     @property
     def config(self) -> ModelArgs:
@@ -225,12 +227,33 @@ class Transformer:
         seed: int | None = None,
         stop_tokens: Iterable[int] | None = None,
         repetition_penalty: float = 1.0,
-        on_token: Callable[[np.ndarray, int], None] | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Meta's `Llama.generate`: ragged prompts batched, stop at an eos id or a stop token.
 
-        Returns (tokens, logprobs or None), one list per prompt. `on_token(next_ids, position)`
-        is called after every step (streaming uses it)."""
+        Returns (tokens, logprobs or None), one list per prompt."""
+        steps = self.generate_steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, seed,
+                                    stop_tokens, repetition_penalty)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as finished:
+                return finished.value
+
+    def generate_steps(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        seed: int | None = None,
+        stop_tokens: Iterable[int] | None = None,
+        repetition_penalty: float = 1.0,
+    ) -> Generator[np.ndarray, None, tuple[list[list[int]], list[list[float]] | None]]:
+        """`generate` one step at a time: yields the ids chosen at each step (-1 for a sequence
+        still reading its prompt) and returns what `generate` returns. Streaming uses it."""
         a = self.model_args
         prompts = [list(map(int, p)) for p in prompt_tokens]
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -256,6 +279,9 @@ class Transformer:
         stop_array = np.array(sorted(stops), dtype=np.int64)
         done = np.zeros(len(prompts), dtype=bool)
         rng = np.random.default_rng(seed)
+        self.last_timings = {"prompt_tokens": min_len * len(prompts), "prompt_seconds": 0.0,
+                             "generated_tokens": 1, "generate_seconds": 0.0}
+        started = time.perf_counter()
 
         prev = 0
         for cur in range(min_len, total_len):
@@ -277,8 +303,13 @@ class Transformer:
             if logprobs:
                 token_logprobs[:, cur] = log_softmax(logits)[np.arange(len(prompts)), chosen]
             done |= ~in_prompt[:, cur] & np.isin(chosen, stop_array)
-            if on_token is not None:
-                on_token(np.where(in_prompt[:, cur], -1, chosen), cur)
+            if cur == min_len:
+                self.last_timings["prompt_seconds"] = time.perf_counter() - started
+                started = time.perf_counter()
+            else:
+                self.last_timings["generated_tokens"] += 1
+                self.last_timings["generate_seconds"] = time.perf_counter() - started
+            yield np.where(in_prompt[:, cur], -1, chosen)
             prev = cur
             if done.all():
                 break

@@ -1,0 +1,176 @@
+"""The `ellm` command: generate, chat, info, metadata."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import EllmError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage plus message
+        print(f"ellm: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _progress(iterable):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc="loading model", unit="tensor", file=sys.stderr, disable=not sys.stderr.isatty(),
+                leave=False)
+
+
+def _load(args):
+    from .generation import Llama
+
+    return Llama(args.model, max_seq_len=args.max_seq_len, max_batch_size=1, progress=_progress)
+
+
+def _print_timings(llm) -> None:
+    t = llm.model.last_timings
+    if not t:
+        return
+    p_rate = t["prompt_tokens"] / t["prompt_seconds"] if t["prompt_seconds"] else float("nan")
+    g_rate = t["generated_tokens"] / t["generate_seconds"] if t["generate_seconds"] else float("nan")
+    print(f"\nprompt eval time = {t['prompt_seconds'] * 1000:9.2f} ms / {t['prompt_tokens']:5d} tokens "
+          f"({p_rate:8.2f} tokens per second)", file=sys.stderr)
+    print(f"       eval time = {t['generate_seconds'] * 1000:9.2f} ms / {t['generated_tokens']:5d} tokens "
+          f"({g_rate:8.2f} tokens per second)", file=sys.stderr)
+
+
+def _emit(pieces) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def cmd_generate(args) -> int:
+    llm = _load(args)
+    _emit(llm.generate(args.prompt, max_gen_len=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed, stop=args.stop or None, stream=True))
+    if args.verbose:
+        _print_timings(llm)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _load(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        pieces = []
+        for piece in llm.chat_completion(history, temperature=args.temperature, top_p=args.top_p,
+                                         max_gen_len=args.max_tokens, seed=args.seed, stream=True):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        if args.verbose:
+            _print_timings(llm)
+
+    if args.message is not None:
+        reply(args.message)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            del history[1 if args.system else 0:]
+            print("(history cleared)", file=sys.stderr)
+            continue
+        reply(text)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from ._backend import get_backend
+    from ._bundled import bundled_model_path
+    from .hooks import hook_point_names
+    from .weights import open_checkpoint
+
+    path = args.model or bundled_model_path()
+    ckpt = open_checkpoint(path)
+    a = ckpt.args
+    if a is None:
+        raise EllmError(f"{path}: no config.json beside the weights")
+    dtypes = sorted({t.dtype for t in ckpt.tensors.values()})
+    rows = [
+        ("file", path), ("format", ckpt.format), ("stored dtypes", ", ".join(dtypes)),
+        ("architecture", "llama"), ("parameters", f"{a.num_parameters():,}"), ("layers", a.num_hidden_layers),
+        ("hidden size", a.hidden_size), ("heads", f"{a.num_attention_heads} (kv {a.num_key_value_heads}, "
+                                                  f"head_dim {a.resolved_head_dim})"),
+        ("mlp size", a.intermediate_size), ("context length", a.max_position_embeddings),
+        ("vocabulary", a.vocab_size), ("rope theta", a.rope_theta), ("compute dtype", "float32"),
+        ("backend", get_backend()),
+    ]
+    for key, value in rows:
+        print(f"{key:>15}: {value}")
+    if args.hooks:
+        print("\nhook points:")
+        for name in hook_point_names(a.num_hidden_layers):
+            print(f"  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ellm", description="Run Llama-family models on the CPU.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def model_options(p):
+        p.add_argument("--model", help="a Hugging Face folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+        p.add_argument("--max-seq-len", type=int, default=2048, help="context length to allocate (default 2048)")
+        p.add_argument("--verbose", action="store_true", help="print timings afterwards")
+
+    def sampling_options(p, max_tokens):
+        p.add_argument("--max-tokens", type=int, default=max_tokens)
+        p.add_argument("--temperature", type=float, default=0.6)
+        p.add_argument("--top-p", type=float, default=0.9)
+        p.add_argument("--seed", type=int, default=None)
+
+    g = sub.add_parser("generate", help="continue a text prompt")
+    g.add_argument("prompt")
+    model_options(g)
+    sampling_options(g, 128)
+    g.add_argument("--stop", nargs="+", default=[], help="stop strings")
+    g.set_defaults(run=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat with the model (one message, or interactive)")
+    c.add_argument("message", nargs="?")
+    c.add_argument("--system", help="a system prompt")
+    model_options(c)
+    sampling_options(c, 256)
+    c.set_defaults(run=cmd_chat)
+
+    i = sub.add_parser("info", help="describe a model")
+    i.add_argument("--model")
+    i.add_argument("--hooks", action="store_true", help="list the hook points")
+    i.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except (EllmError, ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        print(f"ellm: error: {exc}", file=sys.stderr)
+        return 1

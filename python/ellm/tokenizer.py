@@ -1,0 +1,223 @@
+"""Tokenizer: a thin wrapper over Hugging Face `tokenizers`, built from a tokenizer.json or from
+a GGUF file's metadata, with chat templates rendered by Jinja2 the way transformers does."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import ModelFormatError
+
+# llama.cpp token types (gguf.TokenType)
+_CONTROL, _USER_DEFINED = 3, 4
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _byte_level_pre_tokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre == "smollm":
+        # llama.cpp's "smollm": every digit on its own, then the GPT-2 byte-level regex.
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if pre in ("default", "gpt2", "gpt-2"):
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre in ("llama3", "llama-bpe"):
+        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise ModelFormatError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: smollm, default, gpt2, llama-bpe")
+
+
+def _render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra: Any) -> str:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+
+
+def check_messages(messages: Any) -> list[dict]:
+    """A dialog as a list of {"role", "content"} dicts, or ValueError saying what is wrong."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
+        raise ValueError(f"a dialog must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("a dialog must hold at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if m.get("role") not in _ROLES:
+            raise ValueError(f"message {i} has unknown role {m.get('role')!r}; roles are {', '.join(_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} content must be a str, got {type(m.get('content')).__name__}")
+    return [dict(m) for m in messages]
+
+
+class Tokenizer:
+    """`encode`/`decode` text, and `apply_chat_template` for chat prompts."""
+
+    def __init__(self, backend, *, bos_token: str | None, eos_tokens: Sequence[str], chat_template: str | None,
+                 add_bos_token: bool = False) -> None:
+        self._tok = backend
+        self.bos_token = bos_token
+        self.eos_tokens = list(eos_tokens)
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token
+        self.bos_id = backend.token_to_id(bos_token) if bos_token else None
+        self.eos_ids = [i for i in (backend.token_to_id(t) for t in self.eos_tokens) if i is not None]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    # ----- construction -----
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """A tokenizer.json (or a folder holding one); tokenizer_config.json beside it gives the
+        special tokens and the chat template."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer at {path}")
+        try:
+            backend = HFTokenizer.from_file(path)
+        except Exception as exc:
+            raise ModelFormatError(f"{path} is not a tokenizer.json: {exc}") from None
+        config: dict = {}
+        config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as fh:
+                config = json.load(fh)
+
+        def content(tok):
+            return tok.get("content") if isinstance(tok, dict) else tok
+
+        eos = content(config.get("eos_token"))
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return cls(backend, bos_token=content(config.get("bos_token")), eos_tokens=[eos] if eos else [],
+                   chat_template=template, add_bos_token=bool(config.get("add_bos_token", False)))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer a GGUF file describes: GPT-2 style byte-level BPE ("gpt2") or the
+        SentencePiece-style "llama" vocabulary."""
+        from tokenizers import AddedToken, decoders, models, normalizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from .weights.gguf import field_value, read
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        reader = read(path)
+        kind = field_value(reader, "tokenizer.ggml.model")
+        tokens = field_value(reader, "tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ModelFormatError(f"{path} holds no tokenizer (tokenizer.ggml.tokens is missing)")
+        types = field_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        if kind == "gpt2":
+            merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges") or []]
+            backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                             ignore_merges=False))
+            backend.pre_tokenizer = _byte_level_pre_tokenizer(field_value(reader, "tokenizer.ggml.pre") or "default")
+            backend.decoder = decoders.ByteLevel()
+        elif kind == "llama":
+            scores = field_value(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+            unk = field_value(reader, "tokenizer.ggml.unknown_token_id", 0)
+            backend = HFTokenizer(models.Unigram(list(zip(tokens, map(float, scores))), unk_id=unk, byte_fallback=True))
+            prefix = [] if field_value(reader, "tokenizer.ggml.add_space_prefix") is False else [normalizers.Prepend("▁")]
+            backend.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
+            backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                                + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        else:
+            raise ModelFormatError(f"{path}: tokenizer model {kind!r} is not supported; supported: 'gpt2', 'llama'")
+        specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
+        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+        backend.add_special_tokens(specials)
+        if user:
+            backend.add_tokens(user)
+
+        def token(key: str) -> str | None:
+            i = field_value(reader, key)
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        eos = [t for t in (token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.eot_token_id")) if t]
+        return cls(backend, bos_token=token("tokenizer.ggml.bos_token_id"), eos_tokens=list(dict.fromkeys(eos)),
+                   chat_template=field_value(reader, "tokenizer.chat_template"),
+                   add_bos_token=bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)))
+
+    # ----- text <-> ids -----
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens written in the text are recognised."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if bos:
+            if self.bos_id is None:
+                raise ValueError("this tokenizer has no BOS token")
+            ids = [self.bos_id] + ids
+        if eos:
+            if not self.eos_ids:
+                raise ValueError("this tokenizer has no EOS token")
+            ids = ids + [self.eos_ids[0]]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(int(i))
+
+    def is_special(self, i: int) -> bool:
+        return self.decode([i], skip_special_tokens=True) == "" and self.decode([i]) != ""
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a dialog, rendered from the model's own chat template."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        messages = check_messages(messages)
+        return _render_template(self.chat_template, messages, add_generation_prompt,
+                                bos_token=self.bos_token or "", eos_token=(self.eos_tokens or [""])[0])
+
+
+class IncrementalDecoder:
+    """Turns a growing list of ids into text pieces, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already handed out
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.emitted:]
+        self.emitted = len(text)
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is left, even an incomplete character (as the full decode would show it)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
