@@ -1,0 +1,55 @@
+"""The backend switch, in fresh interpreters so the environment variable is read anew."""
+
+import subprocess
+import sys
+
+import pytest
+
+import ellm
+
+
+def run(code, env_value=None, hide_extension=False):
+    import os
+
+    env = dict(os.environ)
+    env.pop("LUMINA_USE_RUST", None)
+    if env_value is not None:
+        env["LUMINA_USE_RUST"] = env_value
+    if hide_extension:
+        code = ("import sys\nclass Hide:\n    def find_spec(self, name, path=None, target=None):\n"
+                "        if name == 'ellm._lowlevel': raise ImportError('hidden by the test')\n"
+                "sys.meta_path.insert(0, Hide())\n" + code)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_default_and_one_use_rust():
+    for value in (None, "1"):
+        r = run("import ellm; print(ellm.get_backend())", value)
+        assert r.stdout.strip() == "rust", r.stderr
+
+
+def test_zero_uses_numpy():
+    r = run("import ellm, numpy as np; print(ellm.get_backend(), ellm.ops.silu(np.zeros(2)).tolist())", "0")
+    assert r.stdout.strip() == "numpy [0.0, 0.0]", r.stderr
+
+
+def test_bad_value_raises_naming_the_variable():
+    r = run("import ellm; ellm.get_backend()", "yes")
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "LUMINA_USE_RUST" in r.stderr and "'yes'" in r.stderr
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    code = ("import warnings, numpy as np\nwarnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    import ellm\n    ellm.ops.silu(np.zeros(2)); ellm.ops.silu(np.zeros(2))\n"
+            "    print(ellm.get_backend(), ellm.rust_available(), [x.category.__name__ for x in w])\n"
+            "try:\n    ellm.set_backend('rust')\nexcept ellm.BackendUnavailableError as e:\n    print('unavailable')\n")
+    r = run(code, hide_extension=True)
+    assert r.stdout.split("\n")[:2] == ["numpy False ['BackendWarning']", "unavailable"], r.stderr
+
+
+def test_set_backend_validates():
+    with pytest.raises(ValueError, match="backend"):
+        ellm.set_backend("cuda")
+    assert ellm.rust_available()
