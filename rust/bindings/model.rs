@@ -12,6 +12,12 @@ use crate::error::{EllmError, Result};
 use crate::kernels::rope::RopeScaling;
 use crate::model::{Hooks, Llama, LlamaConfig, LogitsWanted};
 
+/// The engine's worker threads (RAYON_NUM_THREADS of them, like the global pool).
+fn engine_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| rayon::ThreadPoolBuilder::new().thread_name(|i| format!("ellm-engine-{i}")).build().expect("thread pool"))
+}
+
 #[pyclass(module = "ellm._lowlevel")]
 struct LlamaEngine {
     model: Llama,
@@ -142,8 +148,12 @@ impl LlamaEngine {
         let model = &mut self.model;
         let result = py.detach(|| {
             guarded(|| {
-                let sink = hooks.as_mut().map(|h| h as &mut dyn Hooks);
-                model.forward(&ids, batch, seq, start_pos, wanted, sink)
+                // The step runs on a pool thread, so its many short parallel regions are joined
+                // inside the pool instead of each one waking the pool from outside.
+                engine_pool().install(|| {
+                    let sink = hooks.as_mut().map(|h| h as &mut dyn Hooks);
+                    model.forward(&ids, batch, seq, start_pos, wanted, sink)
+                })
             })
         });
         if let Some(err) = hooks.and_then(|h| h.error) {
