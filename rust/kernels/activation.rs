@@ -2,25 +2,42 @@
 
 use rayon::prelude::*;
 
+use super::math::{dispatch, exp};
+
 const MIN_PER_TASK: usize = 1 << 14;
 
-#[inline]
+#[inline(always)]
 pub fn silu_scalar(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp(-x))
+}
+
+dispatch! {
+    fn silu_slice(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = silu_scalar(v);
+        }
+    }
+}
+
+dispatch! {
+    fn swiglu_slice(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = silu_scalar(g) * u;
+        }
+    }
 }
 
 pub fn silu(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
-    out.par_iter_mut().with_min_len(MIN_PER_TASK).zip(x.par_iter()).for_each(|(o, &v)| *o = silu_scalar(v));
+    out.par_chunks_mut(MIN_PER_TASK).zip(x.par_chunks(MIN_PER_TASK)).for_each(|(o, x)| silu_slice(x, o));
 }
 
 /// `out = silu(gate) * up`
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == up.len() && up.len() == out.len());
-    out.par_iter_mut()
-        .with_min_len(MIN_PER_TASK)
-        .zip(gate.par_iter().zip(up.par_iter()))
-        .for_each(|(o, (&g, &u))| *o = silu_scalar(g) * u);
+    out.par_chunks_mut(MIN_PER_TASK)
+        .zip(gate.par_chunks(MIN_PER_TASK).zip(up.par_chunks(MIN_PER_TASK)))
+        .for_each(|(o, (g, u))| swiglu_slice(g, u, o));
 }
 
 #[cfg(test)]

@@ -70,6 +70,30 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
     }
 }
 
+/// Several `linear`s of the same input in one parallel region: for decode-sized inputs the
+/// weights of all of them are streamed by one set of tasks (q/k/v, gate/up).
+pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], outs: &mut [Vec<f32>]) {
+    assert_eq!(weights.len(), outs.len());
+    if m != 1 {
+        for ((w, n), out) in weights.iter().zip(outs.iter_mut()) {
+            linear(x, w, None, out, m, k, *n);
+        }
+        return;
+    }
+    let mut tasks: Vec<(&[f32], &mut [f32])> = Vec::new();
+    for ((w, _), out) in weights.iter().zip(outs.iter_mut()) {
+        for (i, chunk) in out.chunks_mut(GEMV_ROWS_PER_TASK).enumerate() {
+            let first = i * GEMV_ROWS_PER_TASK;
+            tasks.push((&w[first * k..(first + chunk.len()) * k], chunk));
+        }
+    }
+    tasks.into_par_iter().for_each(|(w, chunk)| {
+        for (j, o) in chunk.iter_mut().enumerate() {
+            *o = dot(x, &w[j * k..(j + 1) * k]);
+        }
+    });
+}
+
 fn linear_streaming(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     if m == 1 {
         out.par_chunks_mut(GEMV_ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {

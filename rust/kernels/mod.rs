@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod math;
 pub mod matmul;
 pub mod norm;
 pub mod optical;

@@ -2,23 +2,27 @@
 
 use rayon::prelude::*;
 
+use super::math::{dispatch, exp};
+
 const ROWS_PER_TASK: usize = 16;
 
-pub fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        // Every entry masked: no distribution exists; give zeros rather than NaN.
-        row.fill(0.0);
-        return;
-    }
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
+dispatch! {
+    pub fn softmax_in_place(row: &mut [f32]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            // Every entry masked: no distribution exists; give zeros rather than NaN.
+            row.fill(0.0);
+            return;
+        }
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v = exp(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
     }
 }
 

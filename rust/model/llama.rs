@@ -7,7 +7,7 @@
 
 use super::config::LlamaConfig;
 use super::kv_cache::KvCache;
-use super::weights::{Matrix, Weights};
+use super::weights::{linear_group, Matrix, Weights};
 use crate::error::{EllmError, Result};
 use crate::kernels::{activation, attention, norm, rope};
 
@@ -60,6 +60,13 @@ fn linear(m: &Option<Matrix>, x: &[f32], rows: usize, bias: &Option<Vec<f32>>) -
     let mut out = vec![0.0; rows * m.rows];
     m.linear(x, rows, bias.as_deref(), &mut out);
     out
+}
+
+/// Several projections of the same input, streamed together at decode.
+fn group<const N: usize>(mats: &[&Option<Matrix>; N], biases: &[&Option<Vec<f32>>; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
+    let mats: Vec<&Matrix> = mats.iter().map(|m| m.as_ref().expect("checked by Llama::check_loaded")).collect();
+    let biases: Vec<Option<&[f32]>> = biases.iter().map(|b| b.as_deref()).collect();
+    linear_group(&mats, &biases, x, rows).try_into().expect("one output per matrix")
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
@@ -177,9 +184,7 @@ impl Llama {
         // Attention block.
         let xn = rms_norm(&x, &w.input_layernorm, c.rms_norm_eps);
         tap.emit(li, "input_layernorm", &xn, &[c.hidden_size])?;
-        let mut q = linear(&w.q_proj, &xn, rows, &w.q_bias);
-        let mut k = linear(&w.k_proj, &xn, rows, &w.k_bias);
-        let v = linear(&w.v_proj, &xn, rows, &w.v_bias);
+        let [mut q, mut k, v]: [Vec<f32>; 3] = group(&[&w.q_proj, &w.k_proj, &w.v_proj], &[&w.q_bias, &w.k_bias, &w.v_bias], &xn, rows);
         tap.emit(li, "q_after_proj", &q, &[c.num_heads, d])?;
         tap.emit(li, "k_after_proj", &k, &[c.num_kv_heads, d])?;
         tap.emit(li, "v_after_proj", &v, &[c.num_kv_heads, d])?;
@@ -227,8 +232,7 @@ impl Llama {
         // MLP block.
         let xn = rms_norm(&x, &w.post_attention_layernorm, c.rms_norm_eps);
         tap.emit(li, "post_attention_layernorm", &xn, &[c.hidden_size])?;
-        let gate = linear(&w.gate_proj, &xn, rows, &w.gate_bias);
-        let up = linear(&w.up_proj, &xn, rows, &w.up_bias);
+        let [gate, up]: [Vec<f32>; 2] = group(&[&w.gate_proj, &w.up_proj], &[&w.gate_bias, &w.up_bias], &xn, rows);
         tap.emit(li, "mlp_gate_proj", &gate, &[c.intermediate_size])?;
         tap.emit(li, "mlp_up_proj", &up, &[c.intermediate_size])?;
         let mut hidden = vec![0.0; gate.len()];

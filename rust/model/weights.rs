@@ -34,6 +34,31 @@ impl Matrix {
     }
 }
 
+/// `linear` of several matrices (all `[_, cols]`) on the same input: for a single input row the
+/// weights of all of them stream through one parallel region (q/k/v, gate/up).
+pub fn linear_group(mats: &[&Matrix], biases: &[Option<&[f32]>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0.0; m * w.rows]).collect();
+    if m == 1 {
+        let weights: Vec<(&[f32], usize)> = mats
+            .iter()
+            .map(|w| match &w.storage {
+                Storage::F32(d) => (d.as_slice(), w.rows),
+            })
+            .collect();
+        matmul::linear_many(x, m, mats[0].cols, &weights, &mut outs);
+        for (out, bias) in outs.iter_mut().zip(biases) {
+            if let Some(b) = bias {
+                out.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
+            }
+        }
+    } else {
+        for ((w, out), bias) in mats.iter().zip(outs.iter_mut()).zip(biases) {
+            w.linear(x, m, *bias, out);
+        }
+    }
+    outs
+}
+
 #[derive(Default)]
 pub struct LayerWeights {
     pub input_layernorm: Vec<f32>,

@@ -83,12 +83,11 @@ def open_safetensors(path: str) -> Checkpoint:
         if count * _ITEMSIZE[dtype] != end - begin:
             raise ModelFormatError(f"tensor {name!r}: shape {shape} of {dtype} does not match its {end - begin} bytes")
         mapped = np.memmap(file, dtype=_NUMPY_DTYPES[dtype], mode="r", offset=data_start + begin, shape=(count,))
+        if dtype == "F32":
+            return mapped.reshape(shape)  # no copy: the engine copies once, the NumPy model keeps the map
         if dtype == "BF16":
-            out = (mapped.astype(np.uint32) << 16).view(np.float32)
-        else:
-            out = np.array(mapped, dtype=np.float32)
-        del mapped
-        return out.reshape(shape)
+            return (mapped.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return mapped.astype(np.float32).reshape(shape)
 
     args = None
     folder = path if os.path.isdir(path) else os.path.dirname(path)
