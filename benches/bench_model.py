@@ -57,8 +57,10 @@ def peak_rss_loading_f32_safetensors(gguf_path, args) -> int:
         save_file({n: ckpt.load(n) for n in args.expected_shapes()}, os.path.join(folder, "model.safetensors"))
         with open(os.path.join(folder, "config.json"), "w") as fh:
             json.dump(args.to_dict(), fh)
-        code = ("import resource, ellm; m = ellm.Transformer.from_pretrained(%r, max_seq_len=128, max_batch_size=1); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)" % folder)
+        # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's high-water mark
+        code = ("import ellm; m = ellm.Transformer.from_pretrained(%r, max_seq_len=128, max_batch_size=1); "
+                "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+                % folder)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         return int(out.stdout.strip())
 

