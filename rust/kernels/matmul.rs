@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::dot;
+use super::simd::{dot, dot4};
 
 /// Below this many input rows `linear` streams the weights row by row instead of calling GEMM.
 const GEMV_MAX_ROWS: usize = 8;
@@ -47,14 +47,15 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
     if m <= GEMV_MAX_ROWS || k == 0 {
         linear_streaming(x, weight, out, m, k, n);
     } else {
-        // The weight read as its transpose [k, n]: column stride k, row stride 1.
+        // Computed as out^T [n, m] = weight [n, k] @ x^T [k, m], written straight into the
+        // row-major `out` (column stride n): both inputs are then read along their rows.
         // SAFETY: the pointers and strides describe the buffers checked above.
         unsafe {
             gemm::gemm(
-                m, n, k,
-                out.as_mut_ptr(), 1, n as isize, false,
-                x.as_ptr(), 1, k as isize,
-                weight.as_ptr(), k as isize, 1,
+                n, m, k,
+                out.as_mut_ptr(), n as isize, 1, false,
+                weight.as_ptr(), 1, k as isize,
+                x.as_ptr(), k as isize, 1,
                 0.0, 1.0, false, false, false,
                 gemm::Parallelism::Rayon(0),
             );
@@ -67,6 +68,18 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
                 *o += b;
             }
         }
+    }
+}
+
+/// `out[j] = dot(x, weight row j)` for the rows of `weight` (`[out.len(), k]`), four at a time.
+fn gemv_rows(x: &[f32], weight: &[f32], out: &mut [f32], k: usize) {
+    let full = out.len() / 4 * 4;
+    for j in (0..full).step_by(4) {
+        let row = |r: usize| &weight[(j + r) * k..(j + r + 1) * k];
+        out[j..j + 4].copy_from_slice(&dot4(x, [row(0), row(1), row(2), row(3)]));
+    }
+    for j in full..out.len() {
+        out[j] = dot(x, &weight[j * k..(j + 1) * k]);
     }
 }
 
@@ -87,21 +100,14 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
             tasks.push((&w[first * k..(first + chunk.len()) * k], chunk));
         }
     }
-    tasks.into_par_iter().for_each(|(w, chunk)| {
-        for (j, o) in chunk.iter_mut().enumerate() {
-            *o = dot(x, &w[j * k..(j + 1) * k]);
-        }
-    });
+    tasks.into_par_iter().for_each(|(w, chunk)| gemv_rows(x, w, chunk, k));
 }
 
 fn linear_streaming(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     if m == 1 {
         out.par_chunks_mut(GEMV_ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {
             let first = task * GEMV_ROWS_PER_TASK;
-            for (j, o) in chunk.iter_mut().enumerate() {
-                let row = &weight[(first + j) * k..(first + j + 1) * k];
-                *o = dot(x, row);
-            }
+            gemv_rows(x, &weight[first * k..(first + chunk.len()) * k], chunk, k);
         });
         return;
     }

@@ -17,6 +17,8 @@ use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rayon::prelude::*;
 
+use super::math::{cos_sin_turn, dispatch, ln};
+
 pub const LANES: usize = 8;
 pub const BLOCK: usize = 4096;
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -41,32 +43,40 @@ pub fn lane_generator(seed: u64, stream: u64, lane_index: u64) -> Xoshiro256Plus
     Xoshiro256PlusPlus::from_seed(bytes)
 }
 
-/// Two standard-normal samples from one 64-bit draw.
-#[inline]
-fn box_muller(x: u64) -> (f32, f32) {
-    const INV_2_24: f32 = 1.0 / 16_777_216.0;
-    let u1 = ((x >> 40) + 1) as f32 * INV_2_24;
-    let u2 = ((x >> 16) & 0xFF_FFFF) as f32 * INV_2_24;
-    let r = (-2.0 * u1.ln()).sqrt();
-    let (s, c) = (std::f32::consts::TAU * u2).sin_cos();
-    (r * c, r * s)
+dispatch! {
+    /// Box–Muller on the draws' integer parts: `top` = (x >> 40) + 1, `mid` = (x >> 16) & 0xFFFFFF.
+    /// One long loop over plain arrays, so it runs in vector registers.
+    fn box_muller(top: &[i32], mid: &[i32], cos: &mut [f32], sin: &mut [f32]) {
+        const INV_2_24: f32 = 1.0 / 16_777_216.0;
+        for i in 0..top.len() {
+            let r = (-2.0 * ln(top[i] as f32 * INV_2_24)).sqrt();
+            let (c, s) = cos_sin_turn(mid[i] as f32 * INV_2_24);
+            cos[i] = r * c;
+            sin[i] = r * s;
+        }
+    }
 }
 
 /// Fill one block (`out.len() <= BLOCK`).
 pub fn fill_block(out: &mut [f32], seed: u64, stream: u64, block: u64) {
     let mut lanes: [Xoshiro256PlusPlus; LANES] =
         std::array::from_fn(|l| lane_generator(seed, stream, block * LANES as u64 + l as u64));
-    let mut draws = [0u64; LANES];
-    for step in out.chunks_mut(2 * LANES) {
-        for (d, lane) in draws.iter_mut().zip(lanes.iter_mut()) {
-            *d = lane.next_u64();
+    let draws = out.len().div_ceil(2 * LANES) * LANES;
+    let (mut top, mut mid) = (vec![0i32; draws], vec![0i32; draws]);
+    // Lane by lane, so one generator's state stays in registers.
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        for step in 0..draws / LANES {
+            let x = lane.next_u64();
+            top[step * LANES + l] = ((x >> 40) + 1) as i32;
+            mid[step * LANES + l] = ((x >> 16) & 0xFF_FFFF) as i32;
         }
-        for (pair, &x) in step.chunks_mut(2).zip(draws.iter()) {
-            let (a, b) = box_muller(x);
-            pair[0] = a;
-            if pair.len() > 1 {
-                pair[1] = b;
-            }
+    }
+    let (mut cos, mut sin) = (vec![0.0f32; draws], vec![0.0f32; draws]);
+    box_muller(&top, &mid, &mut cos, &mut sin);
+    for (i, pair) in out.chunks_mut(2).enumerate() {
+        pair[0] = cos[i];
+        if pair.len() > 1 {
+            pair[1] = sin[i];
         }
     }
 }
@@ -107,3 +117,4 @@ mod tests {
         assert_ne!(&a[..5000], &b[..]);
     }
 }
+

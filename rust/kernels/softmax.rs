@@ -8,17 +8,31 @@ const ROWS_PER_TASK: usize = 16;
 
 dispatch! {
     pub fn softmax_in_place(row: &mut [f32]) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Separate passes, each a plain loop the compiler vectorizes.
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l = if v > *l { v } else { *l };
+            }
+        }
+        let max = lanes.iter().chain(chunks.remainder()).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
         if max == f32::NEG_INFINITY {
             // Every entry masked: no distribution exists; give zeros rather than NaN.
             row.fill(0.0);
             return;
         }
-        let mut sum = 0.0f32;
         for v in row.iter_mut() {
             *v = exp(*v - max);
-            sum += *v;
         }
+        let mut lanes = [0.0f32; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l += v;
+            }
+        }
+        let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
         let inv = 1.0 / sum;
         for v in row.iter_mut() {
             *v *= inv;
