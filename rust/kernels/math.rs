@@ -9,8 +9,8 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 const ROUND: f32 = 12_582_912.0;
 
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+pub fn exp(x_in: f32) -> f32 {
+    let x = x_in.clamp(-87.0, 88.0);
     let rounded = x * LOG2E + ROUND;
     let n = rounded - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -23,7 +23,10 @@ pub fn exp(x: f32) -> f32 {
     let e = p * r * r + r + 1.0;
     // n is the low bits of `rounded`'s mantissa; 2^n is n + 127 in the exponent field.
     let n_int = rounded.to_bits() as i32 - ROUND.to_bits() as i32;
-    e * f32::from_bits(((n_int + 127) << 23) as u32)
+    let y = e * f32::from_bits(((n_int + 127) << 23) as u32);
+    // Exactly 0 below the range (masked attention scores are -inf): a tiny value here would
+    // turn into subnormals downstream, which the FPU handles a hundred times slower.
+    if x_in < -87.0 { 0.0 } else { y }
 }
 
 /// Natural log for x > 0 (Cephes logf): x = m 2^e with m in [sqrt(1/2), sqrt(2)), then a
@@ -106,6 +109,12 @@ mod tests {
             let angle = std::f64::consts::TAU * (x - 1e-5) as f64;
             assert!((c as f64 - angle.cos()).abs() < 3e-7 && (s as f64 - angle.sin()).abs() < 3e-7, "u = {x}");
         }
+    }
+
+    #[test]
+    fn exp_underflows_to_exact_zero() {
+        assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(super::exp(-100.0), 0.0);
     }
 
     #[test]

@@ -8,8 +8,14 @@ use super::simd::{dot, dot4};
 
 /// Below this many input rows `linear` streams the weights row by row instead of calling GEMM.
 const GEMV_MAX_ROWS: usize = 8;
-/// Weight rows per parallel task in the streaming path.
-const GEMV_ROWS_PER_TASK: usize = 64;
+/// Bytes of weights per parallel task in the streaming path: small enough that every matrix of
+/// a small model splits evenly over the threads, large enough that scheduling stays cheap.
+const GEMV_BYTES_PER_TASK: usize = 64 * 1024;
+
+/// Weight rows per task for rows of length k: a multiple of 4 (the kernel's row block).
+fn gemv_rows_per_task(k: usize) -> usize {
+    (GEMV_BYTES_PER_TASK / (4 * k.max(1))).div_ceil(4).max(1) * 4
+}
 
 /// `out[m, n] = a[m, k] @ b[k, n]`, all row-major.
 pub fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
@@ -93,10 +99,11 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
         }
         return;
     }
+    let per_task = gemv_rows_per_task(k);
     let mut tasks: Vec<(&[f32], &mut [f32])> = Vec::new();
     for ((w, _), out) in weights.iter().zip(outs.iter_mut()) {
-        for (i, chunk) in out.chunks_mut(GEMV_ROWS_PER_TASK).enumerate() {
-            let first = i * GEMV_ROWS_PER_TASK;
+        for (i, chunk) in out.chunks_mut(per_task).enumerate() {
+            let first = i * per_task;
             tasks.push((&w[first * k..(first + chunk.len()) * k], chunk));
         }
     }
@@ -104,20 +111,21 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
 }
 
 fn linear_streaming(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    let per_task = gemv_rows_per_task(k);
     if m == 1 {
-        out.par_chunks_mut(GEMV_ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {
-            let first = task * GEMV_ROWS_PER_TASK;
+        out.par_chunks_mut(per_task).enumerate().for_each(|(task, chunk)| {
+            let first = task * per_task;
             gemv_rows(x, &weight[first * k..(first + chunk.len()) * k], chunk, k);
         });
         return;
     }
     // Several input rows: compute a block of output columns for all of them, reading each
     // weight row once, then scatter into the row-major output.
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(GEMV_ROWS_PER_TASK))
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(per_task))
         .into_par_iter()
         .map(|task| {
-            let first = task * GEMV_ROWS_PER_TASK;
-            let last = (first + GEMV_ROWS_PER_TASK).min(n);
+            let first = task * per_task;
+            let last = (first + per_task).min(n);
             let mut block = vec![0.0f32; (last - first) * m];
             for j in first..last {
                 let row = &weight[j * k..(j + 1) * k];

@@ -53,16 +53,16 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Result<Ve
 /// cos and sin of every (position, frequency) angle, `[positions.len(), inv_freq.len()]` each.
 /// The angle is formed in f32 as Hugging Face does, then its cos and sin taken exactly.
 pub fn cos_sin_table(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let half = inv_freq.len();
-    let mut cos = vec![0.0f32; positions.len() * half];
-    let mut sin = vec![0.0f32; positions.len() * half];
-    for (p, &pos) in positions.iter().enumerate() {
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let angle = (pos as f32 * f) as f64;
-            cos[p * half + i] = angle.cos() as f32;
-            sin[p * half + i] = angle.sin() as f32;
+    let half = inv_freq.len().max(1);
+    let mut cos = vec![0.0f32; positions.len() * inv_freq.len()];
+    let mut sin = vec![0.0f32; positions.len() * inv_freq.len()];
+    cos.par_chunks_mut(half).zip(sin.par_chunks_mut(half)).zip(positions.par_iter()).for_each(|((c, s), &pos)| {
+        for ((c, s), &f) in c.iter_mut().zip(s.iter_mut()).zip(inv_freq) {
+            let (sn, cs) = ((pos as f32 * f) as f64).sin_cos();
+            *c = cs as f32;
+            *s = sn as f32;
         }
-    }
+    });
     (cos, sin)
 }
 

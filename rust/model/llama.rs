@@ -32,6 +32,8 @@ pub struct Llama {
     /// cos and sin for every position up to max_seq_len, `[max_seq_len, head_dim / 2]`.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    /// Every tensor is present (tensors are only ever added, so this stays true once set).
+    loaded: bool,
 }
 
 /// Calls a hook point when someone listens.
@@ -88,7 +90,7 @@ impl Llama {
         let positions: Vec<usize> = (0..config.max_seq_len).collect();
         let (rope_cos, rope_sin) = rope::cos_sin_table(&positions, &inv_freq);
         let cache = KvCache::new(config.num_layers, config.max_batch_size, config.num_kv_heads, config.max_seq_len, config.head_dim);
-        Ok(Llama { weights: Weights::empty(&config), config, cache, rope_cos, rope_sin })
+        Ok(Llama { weights: Weights::empty(&config), config, cache, rope_cos, rope_sin, loaded: false })
     }
 
     pub fn set_weight(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> Result<()> {
@@ -100,8 +102,12 @@ impl Llama {
     }
 
     pub fn check_loaded(&mut self) -> Result<()> {
+        if self.loaded {
+            return Ok(());
+        }
         let missing = self.weights.missing(&self.config);
         if missing.is_empty() {
+            self.loaded = true;
             Ok(())
         } else {
             Err(EllmError::Value(format!("weights not loaded: {}", missing.join(", "))))
