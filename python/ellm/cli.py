@@ -129,6 +129,58 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _parse_nodes(text: str) -> list[dict]:
+    nodes = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if not parts[0] or len(parts) > 3:
+            raise ValueError(f"--nodes takes ID[:SPEED[:MEMORY]],... ; cannot read {item!r}")
+        node: dict = {"node_id": parts[0]}
+        try:
+            if len(parts) > 1 and parts[1]:
+                node["relative_speed"] = float(parts[1])
+            if len(parts) > 2 and parts[2]:
+                node["memory_bytes"] = int(float(parts[2]))
+        except ValueError:
+            raise ValueError(f"--nodes: speed and memory of {item!r} must be numbers") from None
+        nodes.append(node)
+    return nodes
+
+
+def cmd_metadata(args) -> int:
+    from ._bundled import bundled_model_path
+    from .metadata import generate_metadata, plan_partition
+
+    path = args.model or bundled_model_path()
+    nodes = _parse_nodes(args.nodes) if args.nodes else None
+    meta = generate_metadata(path, batch_size=args.batch_size, sequence_length=args.sequence_length,
+                             node_id=args.node_id)
+    out = meta.to_dict()
+    print(f"{'block':<10} {'params':>12} {'weight bytes':>14} {'GFLOP prefill':>14} {'MFLOP decode':>13} "
+          f"{'KV bytes':>12}", file=sys.stderr)
+    for b in meta.blocks:
+        print(f"{b.name:<10} {b.params:>12,} {b.weight_bytes:>14,} {b.flops_prefill / 1e9:>14.2f} "
+              f"{b.flops_decode / 1e6:>13.2f} {b.kv_cache_bytes:>12,}", file=sys.stderr)
+    t = meta.totals
+    print(f"{'total':<10} {t['params']:>12,} {t['weight_bytes']:>14,} {t['flops_prefill'] / 1e9:>14.2f} "
+          f"{t['flops_decode'] / 1e6:>13.2f} {t['kv_cache_bytes']:>12,}", file=sys.stderr)
+    if nodes:
+        plan = plan_partition(meta, nodes)
+        out["partition"] = plan.to_dict()
+        for n in plan.nodes:
+            span = f"{n.blocks[0]} .. {n.blocks[-1]}" if n.blocks else "(nothing)"
+            print(f"node {n.node_id}: {span} ({len(n.blocks)} blocks, {n.weight_bytes:,} weight bytes)", file=sys.stderr)
+    import json
+
+    text = json.dumps(out, indent=2)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ellm", description="Run Llama-family models on the CPU.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -162,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model")
     i.add_argument("--hooks", action="store_true", help="list the hook points")
     i.set_defaults(run=cmd_info)
+
+    m = sub.add_parser("metadata", help="per-layer parameters, compute and memory as JSON")
+    m.add_argument("model", nargs="?", help="a Hugging Face folder, .safetensors or .gguf (default: the bundled model)")
+    m.add_argument("--batch-size", type=int, default=1)
+    m.add_argument("--sequence-length", type=int, default=512)
+    m.add_argument("--node-id")
+    m.add_argument("--out", help="write the JSON here instead of stdout")
+    m.add_argument("--nodes", help="plan a split over nodes: ID[:SPEED[:MEMORY_BYTES]],...")
+    m.set_defaults(run=cmd_metadata)
     return parser
 
 
