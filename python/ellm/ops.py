@@ -17,7 +17,7 @@ from ._backend import kernels as _impl
 
 __all__ = [
     "matmul", "linear", "rms_norm", "rope", "silu", "swiglu", "softmax", "attention",
-    "quantize", "normal", "optical_linear", "rope_scaling_params",
+    "quantize", "normal", "optical_linear", "optical_linear_backward", "rope_scaling_params",
 ]
 
 _U64 = 1 << 64
@@ -213,3 +213,20 @@ def optical_linear(
     if return_mask:
         return y, mask.reshape(y.shape)
     return y
+
+
+def optical_linear_backward(grad_y: Any, x: Any, weight: Any, pre_adc_mask: Any, *, precision: int,
+                            attenuation: float) -> tuple[np.ndarray, np.ndarray]:
+    """The straight-through backward of `optical_linear`: (grad_x, grad_weight). `pre_adc_mask` is
+    the mask `optical_linear(..., return_mask=True)` returned for the same call."""
+    g, x, w = _f32(grad_y, "grad_y"), _f32(x, "x"), _f32(weight, "weight")
+    mask = np.ascontiguousarray(pre_adc_mask, dtype=np.uint8)
+    if w.ndim != 2 or x.shape[-1:] != (w.shape[1],) or g.shape[-1:] != (w.shape[0],) or g.shape[:-1] != x.shape[:-1] \
+            or mask.shape != g.shape:
+        raise ValueError(f"optical_linear_backward: grad_y {g.shape}, x {x.shape}, weight {w.shape}, "
+                         f"mask {mask.shape} do not fit")
+    if isinstance(precision, bool) or not isinstance(precision, (int, np.integer)) or not 1 <= precision <= 16:
+        raise ValueError(f"precision must be an int in 1..=16, got {precision!r}")
+    gx, gw = _impl().optical_linear_backward(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), w,
+                                             mask.reshape(-1, mask.shape[-1]), int(precision), float(attenuation))
+    return gx.reshape(x.shape), gw

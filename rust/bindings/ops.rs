@@ -1,7 +1,7 @@
 //! `ellm._lowlevel` kernels. Shapes were checked by `ellm.ops`; they are checked again here so
 //! a direct caller gets a ValueError too.
 
-use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -309,6 +309,32 @@ fn optical_linear<'py>(
     Ok((y, mask))
 }
 
+/// Returns (grad_x, grad_weight).
+#[pyfunction]
+#[pyo3(signature = (grad_y, x, weight, pre_adc_mask, precision, attenuation))]
+fn optical_linear_backward<'py>(
+    py: Python<'py>,
+    grad_y: PyReadonlyArrayDyn<'py, f32>,
+    x: PyReadonlyArrayDyn<'py, f32>,
+    weight: PyReadonlyArrayDyn<'py, f32>,
+    pre_adc_mask: PyReadonlyArrayDyn<'py, u8>,
+    precision: u32,
+    attenuation: f32,
+) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+    let (sg, sx, sw, sm) = (shape_of(&grad_y), shape_of(&x), shape_of(&weight), pre_adc_mask.shape().to_vec());
+    expect_rank(&sw, 2, "weight")?;
+    if sg.len() != 2 || sx.len() != 2 || sg[0] != sx[0] || sg[1] != sw[0] || sx[1] != sw[1] || sm != sg {
+        return Err(PyValueError::new_err(format!(
+            "optical_linear_backward: grad_y {sg:?}, x {sx:?}, weight {sw:?}, mask {sm:?} do not fit"
+        )));
+    }
+    let (n_in, n_out) = (sw[1], sw[0]);
+    let (gs, xs, ws) = (slice(&grad_y, "grad_y")?, slice(&x, "x")?, slice(&weight, "weight")?);
+    let ms = pre_adc_mask.as_slice().map_err(|_| PyValueError::new_err("pre_adc_mask must be C-contiguous"))?;
+    let (gx, gw) = py.detach(|| guarded(|| optical::optical_linear_backward(gs, xs, ws, ms, precision, attenuation, n_in, n_out)))?;
+    Ok((to_array(py, gx, &sx)?, to_array(py, gw, &sw)?))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(matmul, m)?)?;
     m.add_function(wrap_pyfunction!(linear, m)?)?;
@@ -321,5 +347,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_py, m)?)?;
     m.add_function(wrap_pyfunction!(normal, m)?)?;
     m.add_function(wrap_pyfunction!(optical_linear, m)?)?;
+    m.add_function(wrap_pyfunction!(optical_linear_backward, m)?)?;
     Ok(())
 }

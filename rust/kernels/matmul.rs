@@ -42,6 +42,31 @@ pub fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
     }
 }
 
+/// `out[m, n] = a[k, m]^T @ b[k, n]` (a weight gradient: output gradients^T times inputs).
+pub fn matmul_tn(a: &[f32], b: &[f32], out: &mut [f32], k: usize, m: usize, n: usize) {
+    assert_eq!(a.len(), k * m);
+    assert_eq!(b.len(), k * n);
+    assert_eq!(out.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // SAFETY: a^T is a read with column stride m and row stride 1; the rest as in `matmul`.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            out.as_mut_ptr(), 1, n as isize, false,
+            a.as_ptr(), m as isize, 1,
+            b.as_ptr(), 1, n as isize,
+            0.0, 1.0, false, false, false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
 /// `out[m, n] = x[m, k] @ weight[n, k]^T (+ bias[n])`: PyTorch's `nn.Linear`.
 pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], m: usize, k: usize, n: usize) {
     assert_eq!(x.len(), m * k);

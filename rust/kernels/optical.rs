@@ -104,3 +104,67 @@ pub fn optical_linear(
     );
     Ok(())
 }
+
+/// The straight-through backward of `optical_linear`: each quantizer passes the gradient where
+/// its input was inside [0, 1] and blocks it elsewhere, drift and noise count as constants, and
+/// attenuation scales it. Returns (grad_x `[batch, n_in]`, grad_weight `[n_out, n_in]`).
+pub fn optical_linear_backward(
+    grad_y: &[f32],
+    x: &[f32],
+    weight: &[f32],
+    pre_adc_mask: &[u8],
+    precision: u32,
+    attenuation: f32,
+    n_in: usize,
+    n_out: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_bits(precision)?;
+    let batch = grad_y.len() / n_out.max(1);
+    assert_eq!(grad_y.len(), batch * n_out);
+    assert_eq!(pre_adc_mask.len(), grad_y.len());
+    assert_eq!(x.len(), batch * n_in);
+    assert_eq!(weight.len(), n_out * n_in);
+    let levels = ((1u32 << precision) - 1) as f32;
+    let grad_s: Vec<f32> = grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
+    let x_q: Vec<f32> = x.par_iter().with_min_len(1 << 14).map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
+    let mut grad_w = vec![0.0f32; n_out * n_in];
+    super::matmul::matmul_tn(&grad_s, &x_q, &mut grad_w, batch, n_out, n_in);
+    let mut grad_x = vec![0.0f32; batch * n_in];
+    super::matmul::matmul(&grad_s, weight, &mut grad_x, batch, n_out, n_in);
+    for (g, &v) in grad_x.iter_mut().zip(x) {
+        if !(0.0..=1.0).contains(&v) {
+            *g = 0.0;
+        }
+    }
+    Ok((grad_x, grad_w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(noisy: bool) -> OpticalParams {
+        OpticalParams { precision: 8, noise_level: 0.1, temp_drift: 0.05, attenuation: 0.9, thermal_std: 0.005, noisy, seed: 3 }
+    }
+
+    #[test]
+    fn eval_mode_is_quantized_product() {
+        // x quantizes to (0, 1/3, 2/3, 1) at 2 bits; one weight row of ones gives 2, clipped to 1.
+        let p = OpticalParams { precision: 2, attenuation: 0.25, ..params(false) };
+        let mut out = vec![0.0; 1];
+        optical_linear(&[-0.2, 0.3, 0.7, 1.4], &[1.0, 1.0, 1.0, 1.0], None, &p, &mut out, None, 4, 1).unwrap();
+        assert_eq!(out, vec![2.0 / 3.0]); // 2 * 0.25 = 0.5 -> 1.5 levels -> rounds to even 2 -> 2/3
+    }
+
+    #[test]
+    fn result_does_not_depend_on_the_row_split() {
+        // 40 rows run one row per task; a lone row splits its outputs over threads instead.
+        let x: Vec<f32> = (0..40 * 16).map(|i| ((i as f32) * 0.37).sin().abs()).collect();
+        let w: Vec<f32> = (0..24 * 16).map(|i| ((i as f32) * 0.11).cos() * 0.2).collect();
+        let mut all = vec![0.0; 40 * 24];
+        optical_linear(&x, &w, None, &params(true), &mut all, None, 16, 24).unwrap();
+        let mut one = vec![0.0; 24];
+        optical_linear(&x[..16], &w, None, &params(true), &mut one, None, 16, 24).unwrap();
+        assert_eq!(&one[..], &all[..24]);
+    }
+}

@@ -119,12 +119,6 @@ def _rotl(x: np.ndarray, k: int) -> np.ndarray:
     return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
 
 
-def xoshiro_state(seed: int, stream: int, lane_index: np.ndarray) -> list[np.ndarray]:
-    """The four state words of every lane generator (recipe step 1)."""
-    key = splitmix_mix(np.uint64(seed) ^ splitmix_mix(np.uint64(stream) ^ splitmix_mix(lane_index)))
-    return [splitmix_mix(key + _GAMMA * np.uint64(i)) for i in range(1, 5)]
-
-
 def xoshiro_next(s: list[np.ndarray]) -> np.ndarray:
     """One Xoshiro256++ output per generator; advances the state in place."""
     s0, s1, s2, s3 = s
@@ -139,20 +133,28 @@ def xoshiro_next(s: list[np.ndarray]) -> np.ndarray:
     return result
 
 
-def normal(count: int, seed: int, stream: int) -> np.ndarray:
-    if count == 0:
-        return np.zeros(0, dtype=F32)
+def normal_streams(count: int, seed: int, streams: np.ndarray) -> np.ndarray:
+    """The first `count` samples of every stream in `streams`: `[len(streams), count]`."""
+    streams = np.asarray(streams, dtype=np.uint64)
+    if count == 0 or streams.size == 0:
+        return np.zeros((streams.size, count), dtype=F32)
     n_blocks = -(-count // BLOCK)
     steps = -(-min(count, BLOCK) // (2 * LANES))
+    lane_index = np.arange(n_blocks * LANES, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        state = xoshiro_state(seed, stream, np.arange(n_blocks * LANES, dtype=np.uint64))
-        draws = np.stack([xoshiro_next(state) for _ in range(steps)], axis=0)  # [steps, blocks*lanes]
-    draws = draws.reshape(steps, n_blocks, LANES).transpose(1, 0, 2)  # [blocks, steps, lanes]
+        keys = splitmix_mix(np.uint64(seed) ^ splitmix_mix(streams[:, None] ^ splitmix_mix(lane_index)[None, :]))
+        state = [splitmix_mix(keys + _GAMMA * np.uint64(i)) for i in range(1, 5)]
+        draws = np.stack([xoshiro_next(state) for _ in range(steps)], axis=1)  # [streams, steps, blocks*lanes]
+    draws = draws.reshape(len(streams), steps, n_blocks, LANES).transpose(0, 2, 1, 3)  # [s, blocks, steps, lanes]
     u1 = ((draws >> np.uint64(40)) + np.uint64(1)).astype(np.float64) / 2.0**24
     u2 = ((draws >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float64) / 2.0**24
     r = np.sqrt(-2.0 * np.log(u1))
     pairs = np.stack([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], axis=-1)
-    return pairs.reshape(n_blocks, -1)[:, :BLOCK].reshape(-1)[:count].astype(F32)
+    return pairs.reshape(len(streams), n_blocks, -1)[:, :, :BLOCK].reshape(len(streams), -1)[:, :count].astype(F32)
+
+
+def normal(count: int, seed: int, stream: int) -> np.ndarray:
+    return normal_streams(count, seed, np.array([stream]))[0]
 
 
 def optical_linear(x, weight, bias, precision, noise_level, temp_drift, attenuation, thermal_std, noisy, seed, want_mask):
@@ -160,7 +162,7 @@ def optical_linear(x, weight, bias, precision, noise_level, temp_drift, attenuat
     s = quantize(x, precision, 0.0, 1.0) @ weight.T
     if noisy:
         s = s * F32(1 - 0.8 * temp_drift) + s.mean(axis=1, keepdims=True) * F32(temp_drift * 0.5)
-        noise = np.stack([normal(weight.shape[0], seed, row) for row in range(x.shape[0])]) if x.shape[0] else 0
+        noise = normal_streams(weight.shape[0], seed, np.arange(x.shape[0]))  # stream r for row r
         s = s + np.sqrt(F32(noise_level**2) * np.abs(s) + F32(thermal_std**2)) * noise
     analog = (s * F32(attenuation)).astype(F32)
     y = quantize(analog, precision, 0.0, 1.0)
@@ -168,3 +170,11 @@ def optical_linear(x, weight, bias, precision, noise_level, temp_drift, attenuat
         y = y + bias
     mask = ((analog >= 0) & (analog <= 1)).astype(np.uint8) if want_mask else None
     return y.astype(F32, copy=False), mask
+
+
+def optical_linear_backward(grad_y, x, weight, pre_adc_mask, precision, attenuation):
+    """Straight-through gradients of `optical_linear`: (grad_x, grad_weight)."""
+    grad_s = grad_y * pre_adc_mask * F32(attenuation)
+    grad_w = grad_s.T @ quantize(x, precision, 0.0, 1.0)
+    grad_x = (grad_s @ weight) * ((x >= 0) & (x <= 1))
+    return grad_x.astype(F32, copy=False), grad_w.astype(F32, copy=False)
