@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benches/bench_ops.py
 	$(PY) benches/bench_model.py
+	$(PY) benches/bench_optical.py
 
 clean:
 	rm -rf $(VENV) target

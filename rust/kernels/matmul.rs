@@ -42,6 +42,34 @@ pub fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
     }
 }
 
+/// `out[m, n] = x[m, k] @ weight[n, k]^T` on the calling thread (callers that already run one
+/// task per thread, or have too little work to wake the pool).
+pub fn linear_single_thread(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(weight.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if m <= GEMV_MAX_ROWS {
+        for (row, xi) in out.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
+            gemv_rows(xi, weight, row, k);
+        }
+        return;
+    }
+    // SAFETY: as in `linear`.
+    unsafe {
+        gemm::gemm(
+            n, m, k,
+            out.as_mut_ptr(), n as isize, 1, false,
+            weight.as_ptr(), 1, k as isize,
+            x.as_ptr(), k as isize, 1,
+            0.0, 1.0, false, false, false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// `out[m, n] = a[k, m]^T @ b[k, n]` (a weight gradient: output gradients^T times inputs).
 pub fn matmul_tn(a: &[f32], b: &[f32], out: &mut [f32], k: usize, m: usize, n: usize) {
     assert_eq!(a.len(), k * m);

@@ -6,8 +6,8 @@
 use rayon::prelude::*;
 
 use super::quantize::{check_bits, quantize_scalar};
-use super::rng::fill_normal;
-use super::simd::dot;
+use super::rng::fill_normal_serial;
+use super::matmul;
 use crate::error::{EllmError, Result};
 
 #[derive(Clone, Copy, Debug)]
@@ -41,68 +41,96 @@ impl OpticalParams {
     }
 }
 
+/// Rows per parallel task on the GEMM path.
+const TILE_ROWS: usize = 32;
+/// Up to this many rows the product is the streaming GEMV (weights read once, split over threads).
+const STREAMING_ROWS: usize = 8;
+/// Up to this many multiply-adds everything runs on the calling thread: waking the pool costs
+/// more than such a product (a 784 x 512 layer at batch 1 is 0.4 M).
+const SERIAL_WORK: usize = 1 << 20;
+
 /// x `[batch, n_in]`, weight `[n_out, n_in]` -> out `[batch, n_out]`. When `pre_adc_mask` is
 /// given, it receives 1 where the value reaching the ADC was inside [0, 1] (the straight-through
 /// gradient passes there) and 0 where the ADC clipped it.
+///
+/// The product of a tile of rows lands in those rows of `out` and is finished there (drift,
+/// noise, attenuation, ADC, bias) while still in cache: no batch-sized intermediate exists.
+#[allow(clippy::too_many_arguments)]
 pub fn optical_linear(
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
     p: &OpticalParams,
     out: &mut [f32],
-    mut pre_adc_mask: Option<&mut [u8]>,
+    pre_adc_mask: Option<&mut [u8]>,
     n_in: usize,
     n_out: usize,
 ) -> Result<()> {
     p.check()?;
-    let batch = if n_in == 0 { out.len() / n_out.max(1) } else { x.len() / n_in };
+    if n_out == 0 || out.is_empty() {
+        return Ok(());
+    }
+    let batch = out.len() / n_out;
     assert_eq!(x.len(), batch * n_in);
     assert_eq!(weight.len(), n_out * n_in);
-    assert_eq!(out.len(), batch * n_out);
     let levels = p.levels();
-    // Few rows: split each row's outputs over threads; many rows: one row per task.
-    let split_outputs = batch < 2 * rayon::current_num_threads();
-    let rows: Vec<(usize, &mut [f32])> = out.chunks_mut(n_out.max(1)).enumerate().collect();
-    let masks: Vec<Option<&mut [u8]>> = match pre_adc_mask.as_deref_mut() {
-        Some(m) => m.chunks_mut(n_out.max(1)).map(Some).collect(),
+    let mut masks: Vec<Option<&mut [u8]>> = match pre_adc_mask {
+        Some(m) => m.chunks_mut(n_out).map(Some).collect(),
         None => (0..batch).map(|_| None).collect(),
     };
-    rows.into_par_iter().zip(masks).for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(xq, noise), ((r, row), mask)| {
-            xq.clear();
-            xq.extend(x[r * n_in..(r + 1) * n_in].iter().map(|&v| quantize_scalar(v, levels, 0.0, 1.0)));
-            let xq: &[f32] = xq;
-            let dot_row = |(j, o): (usize, &mut f32)| *o = dot(xq, &weight[j * n_in..(j + 1) * n_in]);
-            if split_outputs {
-                row.par_iter_mut().with_min_len(32).enumerate().for_each(dot_row);
-            } else {
-                row.iter_mut().enumerate().for_each(dot_row);
+    if batch * n_in * n_out <= SERIAL_WORK {
+        let x_q: Vec<f32> = x.iter().map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
+        matmul::linear_single_thread(&x_q, weight, out, batch, n_in, n_out);
+        for (r, (row, mask)) in out.chunks_mut(n_out).zip(masks.iter_mut()).enumerate() {
+            finish_row(row, mask.as_deref_mut(), r, p, levels, bias);
+        }
+        return Ok(());
+    }
+    let x_q: Vec<f32> = x.par_iter().with_min_len(1 << 14).map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
+    if batch <= STREAMING_ROWS {
+        matmul::linear(&x_q, weight, None, out, batch, n_in, n_out);
+        out.par_chunks_mut(n_out).zip(masks.par_iter_mut()).enumerate().for_each(|(r, (row, mask))| {
+            finish_row(row, mask.as_deref_mut(), r, p, levels, bias);
+        });
+        return Ok(());
+    }
+    out.par_chunks_mut(TILE_ROWS * n_out)
+        .zip(masks.par_chunks_mut(TILE_ROWS))
+        .enumerate()
+        .for_each(|(t, (tile, tile_masks))| {
+            let (first, rows) = (t * TILE_ROWS, tile.len() / n_out);
+            let xq = &x_q[first * n_in..(first + rows) * n_in];
+            matmul::linear_single_thread(xq, weight, tile, rows, n_in, n_out);
+            for (i, (row, mask)) in tile.chunks_mut(n_out).zip(tile_masks.iter_mut()).enumerate() {
+                finish_row(row, mask.as_deref_mut(), first + i, p, levels, bias);
             }
-            if p.noisy {
-                let mean = row.iter().sum::<f32>() / n_out.max(1) as f32;
-                noise.resize(n_out, 0.0);
-                fill_normal(noise, p.seed, r as u64);
-                let keep = 1.0 - 0.8 * p.temp_drift;
-                let shift = mean * p.temp_drift * 0.5;
-                let thermal_var = p.thermal_std * p.thermal_std;
-                let shot = p.noise_level * p.noise_level;
-                for (s, z) in row.iter_mut().zip(noise.iter()) {
-                    let drifted = *s * keep + shift;
-                    *s = drifted + (shot * drifted.abs() + thermal_var).sqrt() * z;
-                }
-            }
-            let mut mask = mask;
-            for (j, s) in row.iter_mut().enumerate() {
-                let analog = *s * p.attenuation;
-                if let Some(m) = mask.as_deref_mut() {
-                    m[j] = (0.0..=1.0).contains(&analog) as u8;
-                }
-                *s = quantize_scalar(analog, levels, 0.0, 1.0) + bias.map_or(0.0, |b| b[j]);
-            }
-        },
-    );
+        });
     Ok(())
+}
+
+/// Everything after the product, for sample row `r`: drift and noise (stream r) when noisy,
+/// attenuation, the ADC and the digital bias.
+fn finish_row(row: &mut [f32], mask: Option<&mut [u8]>, r: usize, p: &OpticalParams, levels: f32, bias: Option<&[f32]>) {
+    if p.noisy {
+        let mut noise = vec![0.0f32; row.len()];
+        fill_normal_serial(&mut noise, p.seed, r as u64);
+        let mean = row.iter().sum::<f32>() / row.len() as f32;
+        let keep = 1.0 - 0.8 * p.temp_drift;
+        let shift = mean * p.temp_drift * 0.5;
+        let (shot, thermal) = (p.noise_level * p.noise_level, p.thermal_std * p.thermal_std);
+        for (s, z) in row.iter_mut().zip(&noise) {
+            let drifted = *s * keep + shift;
+            *s = drifted + (shot * drifted.abs() + thermal).sqrt() * z;
+        }
+    }
+    let mut mask = mask;
+    for (j, s) in row.iter_mut().enumerate() {
+        let analog = *s * p.attenuation;
+        if let Some(m) = mask.as_deref_mut() {
+            m[j] = (0.0..=1.0).contains(&analog) as u8;
+        }
+        *s = quantize_scalar(analog, levels, 0.0, 1.0) + bias.map_or(0.0, |b| b[j]);
+    }
 }
 
 /// The straight-through backward of `optical_linear`: each quantizer passes the gradient where

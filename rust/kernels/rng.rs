@@ -81,6 +81,14 @@ pub fn fill_block(out: &mut [f32], seed: u64, stream: u64, block: u64) {
     }
 }
 
+/// `fill_normal` on the calling thread (the same numbers), for callers already inside a
+/// parallel task or with too little work to be worth waking the pool.
+pub fn fill_normal_serial(out: &mut [f32], seed: u64, stream: u64) {
+    for (b, block) in out.chunks_mut(BLOCK).enumerate() {
+        fill_block(block, seed, stream, b as u64);
+    }
+}
+
 /// The first `out.len()` samples of stream (seed, stream).
 pub fn fill_normal(out: &mut [f32], seed: u64, stream: u64) {
     out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, block)| fill_block(block, seed, stream, b as u64));
@@ -112,6 +120,8 @@ mod tests {
         assert!((var - 1.0).abs() < 0.01, "var {var}");
         let mut b = vec![0.0f32; 5000];
         fill_normal(&mut b, 7, 3);
+        assert_eq!(&a[..5000], &b[..]);
+        fill_normal_serial(&mut b, 7, 3);
         assert_eq!(&a[..5000], &b[..]);
         fill_normal(&mut b, 7, 4);
         assert_ne!(&a[..5000], &b[..]);
