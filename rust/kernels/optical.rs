@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::quantize::{check_bits, quantize_scalar};
 use super::rng::fill_normal_serial;
+use super::math::dispatch;
 use super::matmul;
 use crate::error::{EllmError, Result};
 
@@ -43,8 +44,9 @@ impl OpticalParams {
 
 /// Rows per parallel task on the GEMM path.
 const TILE_ROWS: usize = 32;
-/// Up to this many rows the product is the streaming GEMV (weights read once, split over threads).
-const STREAMING_ROWS: usize = 8;
+/// Up to this many rows one parallel product covers the batch and the rows are finished in
+/// parallel after it; beyond, each task takes a tile of rows from product to finish.
+const PARALLEL_PRODUCT_ROWS: usize = 64;
 /// Up to this many multiply-adds everything runs on the calling thread: waking the pool costs
 /// more than such a product (a 784 x 512 layer at batch 1 is 0.4 M).
 const SERIAL_WORK: usize = 1 << 20;
@@ -87,7 +89,7 @@ pub fn optical_linear(
         return Ok(());
     }
     let x_q: Vec<f32> = x.par_iter().with_min_len(1 << 14).map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
-    if batch <= STREAMING_ROWS {
+    if batch <= PARALLEL_PRODUCT_ROWS {
         matmul::linear(&x_q, weight, None, out, batch, n_in, n_out);
         out.par_chunks_mut(n_out).zip(masks.par_iter_mut()).enumerate().for_each(|(r, (row, mask))| {
             finish_row(row, mask.as_deref_mut(), r, p, levels, bias);
@@ -115,21 +117,37 @@ fn finish_row(row: &mut [f32], mask: Option<&mut [u8]>, r: usize, p: &OpticalPar
         let mut noise = vec![0.0f32; row.len()];
         fill_normal_serial(&mut noise, p.seed, r as u64);
         let mean = row.iter().sum::<f32>() / row.len() as f32;
-        let keep = 1.0 - 0.8 * p.temp_drift;
-        let shift = mean * p.temp_drift * 0.5;
-        let (shot, thermal) = (p.noise_level * p.noise_level, p.thermal_std * p.thermal_std);
-        for (s, z) in row.iter_mut().zip(&noise) {
+        add_drift_and_noise(row, &noise, 1.0 - 0.8 * p.temp_drift, mean * p.temp_drift * 0.5,
+                            p.noise_level * p.noise_level, p.thermal_std * p.thermal_std);
+    }
+    attenuate_and_convert(row, mask.unwrap_or(&mut []), p.attenuation, levels, bias.unwrap_or(&[]));
+}
+
+dispatch! {
+    fn add_drift_and_noise(row: &mut [f32], noise: &[f32], keep: f32, shift: f32, shot: f32, thermal: f32) {
+        for (s, &z) in row.iter_mut().zip(noise) {
             let drifted = *s * keep + shift;
             *s = drifted + (shot * drifted.abs() + thermal).sqrt() * z;
         }
     }
-    let mut mask = mask;
-    for (j, s) in row.iter_mut().enumerate() {
-        let analog = *s * p.attenuation;
-        if let Some(m) = mask.as_deref_mut() {
-            m[j] = (0.0..=1.0).contains(&analog) as u8;
+}
+
+dispatch! {
+    /// Attenuation, the ADC and the bias; `mask` (empty when not wanted) records where the
+    /// analog value was inside the ADC range.
+    fn attenuate_and_convert(row: &mut [f32], mask: &mut [u8], attenuation: f32, levels: f32, bias: &[f32]) {
+        for s in row.iter_mut() {
+            *s *= attenuation;
         }
-        *s = quantize_scalar(analog, levels, 0.0, 1.0) + bias.map_or(0.0, |b| b[j]);
+        for (m, &s) in mask.iter_mut().zip(row.iter()) {
+            *m = (s >= 0.0 && s <= 1.0) as u8;
+        }
+        for s in row.iter_mut() {
+            *s = quantize_scalar(*s, levels, 0.0, 1.0);
+        }
+        for (s, b) in row.iter_mut().zip(bias) {
+            *s += b;
+        }
     }
 }
 
@@ -153,12 +171,14 @@ pub fn optical_linear_backward(
     assert_eq!(x.len(), batch * n_in);
     assert_eq!(weight.len(), n_out * n_in);
     let levels = ((1u32 << precision) - 1) as f32;
+    // Small layers stay on the calling thread (see SERIAL_WORK).
+    let par = if batch * n_in * n_out <= SERIAL_WORK { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(0) };
     let grad_s: Vec<f32> = grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
-    let x_q: Vec<f32> = x.par_iter().with_min_len(1 << 14).map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
+    let x_q: Vec<f32> = x.iter().map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
     let mut grad_w = vec![0.0f32; n_out * n_in];
-    super::matmul::matmul_tn(&grad_s, &x_q, &mut grad_w, batch, n_out, n_in);
+    matmul::matmul_tn(&grad_s, &x_q, &mut grad_w, batch, n_out, n_in, par);
     let mut grad_x = vec![0.0f32; batch * n_in];
-    super::matmul::matmul(&grad_s, weight, &mut grad_x, batch, n_out, n_in);
+    matmul::matmul_with(&grad_s, weight, &mut grad_x, batch, n_out, n_in, par);
     for (g, &v) in grad_x.iter_mut().zip(x) {
         if !(0.0..=1.0).contains(&v) {
             *g = 0.0;

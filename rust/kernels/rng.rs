@@ -62,7 +62,10 @@ pub fn fill_block(out: &mut [f32], seed: u64, stream: u64, block: u64) {
     let mut lanes: [Xoshiro256PlusPlus; LANES] =
         std::array::from_fn(|l| lane_generator(seed, stream, block * LANES as u64 + l as u64));
     let draws = out.len().div_ceil(2 * LANES) * LANES;
-    let (mut top, mut mid) = (vec![0i32; draws], vec![0i32; draws]);
+    // Stack buffers: noise for short rows (the optical layer) is drawn a block per row, so
+    // four heap allocations per block would cost more than the samples.
+    let (mut top, mut mid) = ([0i32; BLOCK / 2], [0i32; BLOCK / 2]);
+    let (top, mid) = (&mut top[..draws], &mut mid[..draws]);
     // Lane by lane, so one generator's state stays in registers.
     for (l, lane) in lanes.iter_mut().enumerate() {
         for step in 0..draws / LANES {
@@ -71,8 +74,9 @@ pub fn fill_block(out: &mut [f32], seed: u64, stream: u64, block: u64) {
             mid[step * LANES + l] = ((x >> 16) & 0xFF_FFFF) as i32;
         }
     }
-    let (mut cos, mut sin) = (vec![0.0f32; draws], vec![0.0f32; draws]);
-    box_muller(&top, &mid, &mut cos, &mut sin);
+    let (mut cos, mut sin) = ([0.0f32; BLOCK / 2], [0.0f32; BLOCK / 2]);
+    let (cos, sin) = (&mut cos[..draws], &mut sin[..draws]);
+    box_muller(top, mid, cos, sin);
     for (i, pair) in out.chunks_mut(2).enumerate() {
         pair[0] = cos[i];
         if pair.len() > 1 {

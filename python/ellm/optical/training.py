@@ -80,9 +80,9 @@ class NoiseAwareTrainer:
                 h = h * mask
         return h * np.float32(self.logit_scale)
 
-    def step(self, x: np.ndarray, y: np.ndarray, progress: float = 0.0) -> float:
-        """One training step on a batch: forward (with the chip's noise when noise-aware),
-        backward, gradient noise, optimizer update. Returns the loss."""
+    def forward_backward(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Loss and gradients of a batch: the forward pass (with the chip's noise when
+        noise-aware) and the straight-through backward. Returns the loss."""
         for layer in self.layers:
             layer.train()
         logits = self.forward(x, noisy=self.noise_aware)
@@ -92,6 +92,11 @@ class NoiseAwareTrainer:
             grad = self.layers[i].backward(grad)
             if i > 0:
                 grad = grad * self._relu_masks[i - 1]
+        return loss
+
+    def step(self, x: np.ndarray, y: np.ndarray, progress: float = 0.0) -> float:
+        """One training step: forward_backward, gradient noise, optimizer update. Returns the loss."""
+        loss = self.forward_backward(x, y)
         level = gradient_noise_level(self.noise_schedule, self.max_noise_level, progress) if self.noise_aware else 0.0
         self._update(level)
         return loss
