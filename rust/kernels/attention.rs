@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::matmul::{gemm_into, View};
 use super::simd::{axpy, dot};
 use super::softmax::softmax_in_place;
 use crate::error::{EllmError, Result};
@@ -108,14 +109,13 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
         // SAFETY: every view below stays inside its buffer (q: [sq, nh, d]; k, v: kv_len rows
         // of the view; scores: [sq, sk]), and head h writes only its own d columns of `out`.
         unsafe {
-            gemm::gemm(
-                sq, sk, d,
-                scores.as_mut_ptr(), 1, sk as isize, false,
-                q.as_ptr().add(h * d), 1, row as isize,
-                k.data.as_ptr().add(g * k.head_stride), k.row_stride as isize, 1,
-                0.0, shape.scale, false, false, false,
-                gemm::Parallelism::None,
-            );
+            gemm_into(sq, sk, d, scores.as_mut_ptr(), sk, 1,
+                      View { ptr: q.as_ptr().add(h * d), row_stride: row, col_stride: 1 },
+                      View { ptr: k.data.as_ptr().add(g * k.head_stride), row_stride: 1, col_stride: k.row_stride },
+                      gemm::Parallelism::None);
+            for x in scores.iter_mut() {
+                *x *= shape.scale;
+            }
         }
         for (i, r) in scores.chunks_exact_mut(sk).enumerate() {
             let visible = shape.visible(i);
@@ -124,14 +124,10 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
         }
         let out_ptr = &out_ptr;
         unsafe {
-            gemm::gemm(
-                sq, d, sk,
-                out_ptr.0.add(h * d), 1, row as isize, false,
-                scores.as_ptr(), 1, sk as isize,
-                v.data.as_ptr().add(g * v.head_stride), 1, v.row_stride as isize,
-                0.0, 1.0, false, false, false,
-                gemm::Parallelism::None,
-            );
+            gemm_into(sq, d, sk, out_ptr.0.add(h * d), row, 1,
+                      View { ptr: scores.as_ptr(), row_stride: sk, col_stride: 1 },
+                      View { ptr: v.data.as_ptr().add(g * v.head_stride), row_stride: v.row_stride, col_stride: 1 },
+                      gemm::Parallelism::None);
         }
     });
 }

@@ -17,6 +17,44 @@ fn gemv_rows_per_task(k: usize) -> usize {
     (GEMV_BYTES_PER_TASK / (4 * k.max(1))).div_ceil(4).max(1) * 4
 }
 
+/// A matrix operand for `gemm`: element (row, col) sits at `ptr + row * row_stride + col * col_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    pub ptr: *const f32,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// `dst[m, n] = lhs[m, k] @ rhs[k, n]` on strided views, the one place that calls `gemm`.
+///
+/// # Safety
+/// Every view must address valid memory over its whole extent, `dst` must be writable there
+/// and must not overlap the inputs.
+pub(crate) unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: *mut f32, dst_row_stride: usize, dst_col_stride: usize,
+                    lhs: View, rhs: View, par: gemm::Parallelism) {
+    gemm::gemm(
+        m, n, k,
+        dst, dst_col_stride as isize, dst_row_stride as isize, false,
+        lhs.ptr, lhs.col_stride as isize, lhs.row_stride as isize,
+        rhs.ptr, rhs.col_stride as isize, rhs.row_stride as isize,
+        0.0, 1.0, false, false, false,
+        par,
+    );
+}
+
+/// `out[:, first..first + cols] = x[m, k] @ weight_rows[cols, k]^T`, where `out` rows have
+/// length `n`: computed as out^T = weight_rows @ x^T so that both inputs are read along rows.
+///
+/// # Safety
+/// `x` holds m*k values, `weight_rows` cols*k, and `out_cols` points at column `first` of an
+/// `[m, n]` buffer with `first + cols <= n`, owned by the caller for those columns.
+unsafe fn linear_gemm(x: *const f32, weight_rows: *const f32, out_cols: *mut f32, m: usize, k: usize, cols: usize,
+                      n: usize, par: gemm::Parallelism) {
+    gemm_into(cols, m, k, out_cols, 1, n,
+              View { ptr: weight_rows, row_stride: k, col_stride: 1 },
+              View { ptr: x, row_stride: 1, col_stride: k }, par);
+}
+
 /// `out[m, n] = a[m, k] @ b[k, n]`, all row-major.
 pub fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     matmul_with(a, b, out, m, k, n, gemm::Parallelism::Rayon(0));
@@ -24,9 +62,7 @@ pub fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
 
 /// `matmul` with the threading chosen by the caller.
 pub fn matmul_with(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, par: gemm::Parallelism) {
-    assert_eq!(a.len(), m * k);
-    assert_eq!(b.len(), k * n);
-    assert_eq!(out.len(), m * n);
+    assert!(a.len() == m * k && b.len() == k * n && out.len() == m * n);
     if m == 0 || n == 0 {
         return;
     }
@@ -34,24 +70,17 @@ pub fn matmul_with(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n:
         out.fill(0.0);
         return;
     }
-    // SAFETY: the pointers and strides describe the three buffers checked above.
+    // SAFETY: the views describe the buffers checked above.
     unsafe {
-        gemm::gemm(
-            m, n, k,
-            out.as_mut_ptr(), 1, n as isize, false,
-            a.as_ptr(), 1, k as isize,
-            b.as_ptr(), 1, n as isize,
-            0.0, 1.0, false, false, false,
-            par,
-        );
+        gemm_into(m, n, k, out.as_mut_ptr(), n, 1,
+                  View { ptr: a.as_ptr(), row_stride: k, col_stride: 1 },
+                  View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par);
     }
 }
 
 /// `out[m, n] = a[k, m]^T @ b[k, n]` (a weight gradient: output gradients^T times inputs).
 pub fn matmul_tn(a: &[f32], b: &[f32], out: &mut [f32], k: usize, m: usize, n: usize, par: gemm::Parallelism) {
-    assert_eq!(a.len(), k * m);
-    assert_eq!(b.len(), k * n);
-    assert_eq!(out.len(), m * n);
+    assert!(a.len() == k * m && b.len() == k * n && out.len() == m * n);
     if m == 0 || n == 0 {
         return;
     }
@@ -59,16 +88,11 @@ pub fn matmul_tn(a: &[f32], b: &[f32], out: &mut [f32], k: usize, m: usize, n: u
         out.fill(0.0);
         return;
     }
-    // SAFETY: a^T is a read with column stride m and row stride 1; the rest as in `matmul`.
+    // SAFETY: a^T is `a` read with row stride 1 and column stride m; the rest as in `matmul`.
     unsafe {
-        gemm::gemm(
-            m, n, k,
-            out.as_mut_ptr(), 1, n as isize, false,
-            a.as_ptr(), m as isize, 1,
-            b.as_ptr(), 1, n as isize,
-            0.0, 1.0, false, false, false,
-            par,
-        );
+        gemm_into(m, n, k, out.as_mut_ptr(), n, 1,
+                  View { ptr: a.as_ptr(), row_stride: 1, col_stride: m },
+                  View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par);
     }
 }
 
@@ -94,17 +118,9 @@ fn linear_split_columns(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k:
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let first = task * per_task;
         let cols = per_task.min(n - first);
-        // out^T[first..first+cols, :] = weight[first..first+cols, :] @ x^T, into out's columns.
         // SAFETY: the column range lies inside `out` and belongs to this task alone.
         unsafe {
-            gemm::gemm(
-                cols, m, k,
-                dst.at(first), n as isize, 1, false,
-                weight.as_ptr().add(first * k), 1, k as isize,
-                x.as_ptr(), k as isize, 1,
-                0.0, 1.0, false, false, false,
-                gemm::Parallelism::None,
-            );
+            linear_gemm(x.as_ptr(), weight.as_ptr().add(first * k), dst.at(first), m, k, cols, n, gemm::Parallelism::None);
         }
     });
 }
@@ -125,16 +141,7 @@ pub fn linear_single_thread(x: &[f32], weight: &[f32], out: &mut [f32], m: usize
         return;
     }
     // SAFETY: as in `linear`.
-    unsafe {
-        gemm::gemm(
-            n, m, k,
-            out.as_mut_ptr(), n as isize, 1, false,
-            weight.as_ptr(), 1, k as isize,
-            x.as_ptr(), k as isize, 1,
-            0.0, 1.0, false, false, false,
-            gemm::Parallelism::None,
-        );
-    }
+    unsafe { linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::None) };
 }
 
 /// `out[m, n] = x[m, k] @ weight[n, k]^T (+ bias[n])`: PyTorch's `nn.Linear`.
@@ -150,19 +157,8 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
     } else if m <= SPLIT_COLUMNS_MAX_ROWS {
         linear_split_columns(x, weight, out, m, k, n);
     } else {
-        // Computed as out^T [n, m] = weight [n, k] @ x^T [k, m], written straight into the
-        // row-major `out` (column stride n): both inputs are then read along their rows.
-        // SAFETY: the pointers and strides describe the buffers checked above.
-        unsafe {
-            gemm::gemm(
-                n, m, k,
-                out.as_mut_ptr(), n as isize, 1, false,
-                weight.as_ptr(), 1, k as isize,
-                x.as_ptr(), k as isize, 1,
-                0.0, 1.0, false, false, false,
-                gemm::Parallelism::Rayon(0),
-            );
-        }
+        // SAFETY: the pointers describe the buffers checked above.
+        unsafe { linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::Rayon(0)) };
     }
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n);
