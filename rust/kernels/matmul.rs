@@ -62,6 +62,17 @@ pub fn matmul(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
 
 /// `matmul` with the threading chosen by the caller.
 pub fn matmul_with(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, par: gemm::Parallelism) {
+    product(a, View { ptr: a.as_ptr(), row_stride: k, col_stride: 1 }, b, out, m, k, n, par);
+}
+
+/// `out[m, n] = a[k, m]^T @ b[k, n]` (a weight gradient: output gradients^T times inputs).
+pub fn matmul_tn(a: &[f32], b: &[f32], out: &mut [f32], k: usize, m: usize, n: usize, par: gemm::Parallelism) {
+    product(a, View { ptr: a.as_ptr(), row_stride: 1, col_stride: m }, b, out, m, k, n, par);
+}
+
+/// `out[m, n] = lhs[m, k] @ b[k, n]`, where `lhs` views the m*k values of `a`.
+#[allow(clippy::too_many_arguments)]
+fn product(a: &[f32], lhs: View, b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, par: gemm::Parallelism) {
     assert!(a.len() == m * k && b.len() == k * n && out.len() == m * n);
     if m == 0 || n == 0 {
         return;
@@ -70,29 +81,9 @@ pub fn matmul_with(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n:
         out.fill(0.0);
         return;
     }
-    // SAFETY: the views describe the buffers checked above.
+    // SAFETY: `lhs` views `a` (checked above) and b is row-major [k, n].
     unsafe {
-        gemm_into(m, n, k, out.as_mut_ptr(), n, 1,
-                  View { ptr: a.as_ptr(), row_stride: k, col_stride: 1 },
-                  View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par);
-    }
-}
-
-/// `out[m, n] = a[k, m]^T @ b[k, n]` (a weight gradient: output gradients^T times inputs).
-pub fn matmul_tn(a: &[f32], b: &[f32], out: &mut [f32], k: usize, m: usize, n: usize, par: gemm::Parallelism) {
-    assert!(a.len() == k * m && b.len() == k * n && out.len() == m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
-        return;
-    }
-    // SAFETY: a^T is `a` read with row stride 1 and column stride m; the rest as in `matmul`.
-    unsafe {
-        gemm_into(m, n, k, out.as_mut_ptr(), n, 1,
-                  View { ptr: a.as_ptr(), row_stride: 1, col_stride: m },
-                  View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par);
+        gemm_into(m, n, k, out.as_mut_ptr(), n, 1, lhs, View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par);
     }
 }
 
