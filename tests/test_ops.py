@@ -210,3 +210,36 @@ def test_rust_bindings_reject_bad_shapes_directly():
         R.linear(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32))
     with pytest.raises(ValueError, match="C-contiguous"):
         R.silu(np.zeros((4, 4), np.float32)[:, ::2])
+
+
+EDGE_CASES = {
+    "linear, no rows": (lambda: ops.linear(np.zeros((0, 4)), np.ones((3, 4))), (0, 3)),
+    "linear, no inputs": (lambda: ops.linear(np.zeros((20, 0)), np.zeros((3, 0))), (20, 3)),
+    "matmul, k = 0": (lambda: ops.matmul(np.zeros((20, 0)), np.zeros((0, 5))), (20, 5)),
+    "rms_norm, empty rows": (lambda: ops.rms_norm(np.zeros((3, 0)), np.ones(0)), (3, 0)),
+    "softmax, empty rows": (lambda: ops.softmax(np.zeros((3, 0))), (3, 0)),
+    "attention, no queries": (lambda: ops.attention(np.zeros((0, 2, 4)), np.ones((3, 1, 4)), np.ones((3, 1, 4))), (0, 2, 4)),
+    "attention, no keys": (lambda: ops.attention(np.ones((20, 2, 4)), np.zeros((0, 1, 4)), np.zeros((0, 1, 4)), causal=False), (20, 2, 4)),
+    "rope, no heads": (lambda: ops.rope(np.zeros((2, 0, 4)), [0, 1]), (2, 0, 4)),
+    "normal, empty": (lambda: ops.normal((2, 0), seed=1), (2, 0)),
+    "optical, no inputs": (lambda: ops.optical_linear(np.zeros((100, 0)), np.zeros((3, 0)), precision=4, noise_level=0.1,
+                                                      temp_drift=0.0, attenuation=1.0, training=False, seed=1), (100, 3)),
+}
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_empty_and_zero_sized_inputs(name):
+    fn, shape = EDGE_CASES[name]
+    results = []
+    for b in ("rust", "numpy"):
+        ellm.set_backend(b)
+        with np.errstate(all="ignore"):
+            results.append(fn())
+    ellm.set_backend("rust")
+    assert results[0].shape == results[1].shape == shape
+    np.testing.assert_allclose(results[0], results[1], atol=1e-6)
+
+
+def test_zero_head_dim_is_a_value_error():
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.attention(np.zeros((2, 2, 0)), np.zeros((2, 1, 0)), np.zeros((2, 1, 0)))

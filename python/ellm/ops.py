@@ -30,6 +30,11 @@ def _f32(x: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}: {exc}") from None
 
 
+def _rows(x: np.ndarray) -> np.ndarray:
+    """x `[..., d]` as a 2-D `[rows, d]` view (also when d or a leading dimension is 0)."""
+    return x.reshape(int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1])
+
+
 def _u64(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -43,7 +48,7 @@ def matmul(a: Any, b: Any) -> np.ndarray:
     a, b = _f32(a, "a"), _f32(b, "b")
     if a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
         raise ValueError(f"matmul: a {a.shape} and b {b.shape} do not fit (a [..., m, k] @ b [k, n])")
-    out = _impl().matmul(a.reshape(-1, a.shape[-1]), b)
+    out = _impl().matmul(_rows(a), b)
     return out.reshape(*a.shape[:-1], b.shape[1])
 
 
@@ -57,7 +62,7 @@ def linear(x: Any, weight: Any, bias: Any = None) -> np.ndarray:
         b = _f32(bias, "bias")
         if b.shape != (w.shape[0],):
             raise ValueError(f"linear: bias {b.shape} does not fit weight {w.shape}")
-    out = _impl().linear(x.reshape(-1, x.shape[-1]), w, b)
+    out = _impl().linear(_rows(x), w, b)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -140,6 +145,8 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = True, start_pos: int = 0
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[2] != k.shape[2]:
         raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
                          "(q [sq, n_heads, d], k and v [sk, n_kv_heads, d])")
+    if q.shape[2] == 0:
+        raise ValueError(f"attention: head_dim must be positive, got q {q.shape}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"attention: n_heads ({q.shape[1]}) must be a multiple of n_kv_heads ({k.shape[1]})")
     if start_pos < 0:
@@ -206,7 +213,7 @@ def optical_linear(
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     y, mask = _impl().optical_linear(
-        x.reshape(-1, x.shape[-1]), w, b, int(precision), float(noise_level), float(temp_drift),
+        _rows(x), w, b, int(precision), float(noise_level), float(temp_drift),
         float(attenuation), float(thermal_std), bool(training), _u64(seed, "seed"), bool(return_mask),
     )
     y = y.reshape(*x.shape[:-1], w.shape[0])
@@ -227,6 +234,5 @@ def optical_linear_backward(grad_y: Any, x: Any, weight: Any, pre_adc_mask: Any,
                          f"mask {mask.shape} do not fit")
     if isinstance(precision, bool) or not isinstance(precision, (int, np.integer)) or not 1 <= precision <= 16:
         raise ValueError(f"precision must be an int in 1..=16, got {precision!r}")
-    gx, gw = _impl().optical_linear_backward(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), w,
-                                             mask.reshape(-1, mask.shape[-1]), int(precision), float(attenuation))
+    gx, gw = _impl().optical_linear_backward(_rows(g), _rows(x), w, _rows(mask), int(precision), float(attenuation))
     return gx.reshape(x.shape), gw

@@ -72,6 +72,13 @@ const GEMM_MIN_QUERIES: usize = 16;
 /// q: `[q_len, n_heads, d]` contiguous; out: the same shape.
 pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &mut [f32]) -> Result<()> {
     shape.check()?;
+    if shape.head_dim == 0 || q.is_empty() {
+        return Ok(());
+    }
+    if shape.kv_len == 0 {
+        out.fill(0.0); // nothing to attend to (non-causal with no keys)
+        return Ok(());
+    }
     if shape.q_len >= GEMM_MIN_QUERIES {
         attention_by_heads(q, k, v, shape, out);
         return Ok(());

@@ -82,6 +82,9 @@ pub fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 pub fn rope(x: &mut [f32], positions: &[usize], n_heads: usize, head_dim: usize, inv_freq: &[f32]) {
     assert_eq!(x.len(), positions.len() * n_heads * head_dim);
     assert_eq!(inv_freq.len() * 2, head_dim);
+    if x.is_empty() {
+        return;
+    }
     let (cos, sin) = cos_sin_table(positions, inv_freq);
     let half = head_dim / 2;
     x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(s, token)| {

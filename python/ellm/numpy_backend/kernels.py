@@ -22,6 +22,8 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    if x.shape[-1] == 0:
+        return x.copy()
     mean_square = np.mean(x * x, axis=-1, keepdims=True)
     return (x / np.sqrt(mean_square + F32(eps)) * weight).astype(F32, copy=False)
 
