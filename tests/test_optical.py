@@ -60,23 +60,33 @@ def test_eval_deterministic_training_fresh_and_seed_replays():
     assert not np.array_equal(layer.eval()(x, noisy=True), layer(x))  # noisy inference
 
 
-def noise_of(rows, cols, **kw):
-    x = np.full((rows, 1), 1.0, np.float32)
-    w = np.full((cols, 1), 0.5, np.float32)
-    args = dict(precision=16, noise_level=0.2, temp_drift=0.0, attenuation=1.0, **kw)
+def noise_of(rows, weights, noise_level=0.2):
+    """Noise added to s = weights (one input of value 1), one row per sample."""
+    x = np.ones((rows, 1), np.float32)
+    w = np.asarray(weights, np.float32)[:, None]
+    args = dict(precision=16, noise_level=noise_level, temp_drift=0.0, attenuation=1.0)
     noisy = ops.optical_linear(x, w, training=True, seed=11, **args)
     clean = ops.optical_linear(x, w, training=False, seed=11, **args)
     return noisy - clean
 
 
-def test_rows_get_independent_noise_and_the_statistics_follow_the_model():
-    n = noise_of(64, 4096)
-    corr = np.corrcoef(n)
-    off = corr[~np.eye(64, dtype=bool)]
+def test_rows_get_independent_noise():
+    n = noise_of(64, np.full(4096, 0.5))
+    off = np.corrcoef(n)[~np.eye(64, dtype=bool)]
     assert np.abs(off).max() < 0.1 and abs(off.mean()) < 0.01
-    # s = 0.5 everywhere: variance 0.2^2 * 0.5 + 0.005^2
-    assert n.var() == pytest.approx(0.04 * 0.5 + 0.005**2, rel=0.03)
     assert abs(n.mean()) < 0.003
+
+
+@pytest.mark.parametrize("b", ["rust", "numpy"])
+def test_noise_variance_follows_shot_plus_thermal(b):
+    ellm.set_backend(b)
+    try:
+        # s = 0.2 and 0.6, both many standard deviations inside the ADC range
+        n = noise_of(16, np.repeat([0.2, 0.6], 4096), noise_level=0.05)
+    finally:
+        ellm.set_backend("rust")
+    for part, s in ((n[:, :4096], 0.2), (n[:, 4096:], 0.6)):
+        assert part.var() == pytest.approx(0.05**2 * s + 0.005**2, rel=0.03)
 
 
 @pytest.mark.parametrize("b", ["rust", "numpy"])
