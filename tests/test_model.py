@@ -186,3 +186,69 @@ def test_model_args_names(models):
     m = models["rust"]
     assert m.model_args is m.config and m.model_args.hidden_size == 576 and m.weights_loaded
     assert m.model_args.num_parameters() == 134_515_008
+
+
+def write_safetensors(path, tensors, dtype):
+    """A safetensors file in F16 or BF16 written by hand (NumPy has no bfloat16)."""
+    import json
+    import struct
+
+    header, blobs, offset = {}, [], 0
+    for name, value in tensors.items():
+        if dtype == "BF16":
+            raw = (value.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        else:
+            raw = value.astype(np.float16).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(value.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_half_precision_folders(tmp_path, dtype):
+    import json
+
+    args = tiny_args()
+    sd = tiny_state(args)
+    write_safetensors(tmp_path / "model.safetensors", sd, dtype)
+    torch_dtype = {"F16": "float16", "BF16": "bfloat16"}[dtype]
+    config = {k: v for k, v in args.to_dict().items() if k != "dtype"}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "torch_dtype": torch_dtype}))
+    model = Transformer.from_pretrained(tmp_path)
+    # the same weights rounded to the stored precision, loaded as f32 arrays
+    if dtype == "BF16":
+        rounded = {k: ((v.view(np.uint32) >> 16) << 16).view(np.float32) for k, v in sd.items()}
+    else:
+        rounded = {k: v.astype(np.float16).astype(np.float32) for k, v in sd.items()}
+    tokens = [[1, 5, 9, 2]]
+    np.testing.assert_allclose(model.forward(tokens), build("rust", args, rounded).forward(tokens), atol=1e-5)
+    assert model.model_args.dtype == torch_dtype
+
+
+def test_other_gguf_architectures_are_named(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFormatError, match="'gpt2'"):
+        Transformer.from_pretrained(tmp_path / "gpt2.gguf")
+
+
+@pytest.mark.parametrize("b", BACKENDS)
+def test_reset_cache_and_cache_positions(b):
+    args = tiny_args()
+    model = build(b, args, tiny_state(args))
+    full = model.forward([[3, 4, 5, 6]])
+    model.forward([[3, 4, 5]], 0)
+    model.reset_cache()
+    # after a reset the cached positions are zeros, so decoding at position 3 no longer sees the prompt
+    assert np.abs(model.forward([[6]], 3)[0, 0] - full[0, 3]).max() > 1e-3
+    model.forward([[3, 4, 5]], 0)
+    np.testing.assert_allclose(model.forward([[6]], 3)[0, 0], full[0, 3], atol=1e-4)
