@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::quantize::{check_bits, quantize_scalar};
+use super::quantize::{check_bits, quantize_scalar, quantize_slice};
 use super::rng::fill_normal_serial;
 use super::math::dispatch;
 use super::matmul;
@@ -80,15 +80,16 @@ pub fn optical_linear(
         Some(m) => m.chunks_mut(n_out).map(Some).collect(),
         None => (0..batch).map(|_| None).collect(),
     };
+    let mut x_q = vec![0.0f32; x.len()];
     if batch * n_in * n_out <= SERIAL_WORK {
-        let x_q: Vec<f32> = x.iter().map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
+        quantize_slice(x, levels, 0.0, 1.0, &mut x_q);
         matmul::linear_single_thread(&x_q, weight, out, batch, n_in, n_out);
         for (r, (row, mask)) in out.chunks_mut(n_out).zip(masks.iter_mut()).enumerate() {
             finish_row(row, mask.as_deref_mut(), r, p, levels, bias);
         }
         return Ok(());
     }
-    let x_q: Vec<f32> = x.par_iter().with_min_len(1 << 14).map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
+    x_q.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(q, x)| quantize_slice(x, levels, 0.0, 1.0, q));
     if batch <= PARALLEL_PRODUCT_ROWS {
         matmul::linear(&x_q, weight, None, out, batch, n_in, n_out);
         out.par_chunks_mut(n_out).zip(masks.par_iter_mut()).enumerate().for_each(|(r, (row, mask))| {
@@ -174,7 +175,8 @@ pub fn optical_linear_backward(
     // Small layers stay on the calling thread (see SERIAL_WORK).
     let par = if batch * n_in * n_out <= SERIAL_WORK { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(0) };
     let grad_s: Vec<f32> = grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
-    let x_q: Vec<f32> = x.iter().map(|&v| quantize_scalar(v, levels, 0.0, 1.0)).collect();
+    let mut x_q = vec![0.0f32; x.len()];
+    quantize_slice(x, levels, 0.0, 1.0, &mut x_q);
     let mut grad_w = vec![0.0f32; n_out * n_in];
     matmul::matmul_tn(&grad_s, &x_q, &mut grad_w, batch, n_out, n_in, par);
     let mut grad_x = vec![0.0f32; batch * n_in];
