@@ -75,7 +75,7 @@ pub fn cos_sin_turn(u: f32) -> (f32, f32) {
     (f32::from_bits(c.to_bits() ^ sign), f32::from_bits(s.to_bits() ^ sign))
 }
 
-/// Define `$name(args)` that runs `$body` compiled for AVX2+FMA when the CPU has it.
+/// Define `$name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU has them.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
@@ -84,8 +84,14 @@ macro_rules! dispatch {
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                if crate::kernels::simd::has_avx512() {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
                 if crate::kernels::simd::has_avx2_fma() {
                     // SAFETY: the CPU has the features `avx2` is compiled for.
                     return unsafe { avx2($($arg),*) };
