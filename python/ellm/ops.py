@@ -32,7 +32,7 @@ def _f32(x: Any, name: str) -> np.ndarray:
 
 def _rows(x: np.ndarray) -> np.ndarray:
     """x `[..., d]` as a 2-D `[rows, d]` view (also when d or a leading dimension is 0)."""
-    return x.reshape(int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _u64(value: Any, name: str) -> int:
@@ -176,7 +176,7 @@ def normal(shape: int | Sequence[int], seed: int, stream: int = 0) -> np.ndarray
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     if any((not isinstance(d, (int, np.integer))) or d < 0 for d in shape):
         raise ValueError(f"normal: shape must be non-negative ints, got {shape}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     return _impl().normal(count, _u64(seed, "seed"), _u64(stream, "stream")).reshape(shape)
 
 
