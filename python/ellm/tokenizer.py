@@ -186,9 +186,6 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
 
-    def is_special(self, i: int) -> bool:
-        return self.decode([i], skip_special_tokens=True) == "" and self.decode([i]) != ""
-
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt text for a dialog, rendered from the model's own chat template."""
         if not self.chat_template:
