@@ -36,12 +36,7 @@ fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyR
 fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
     let kind: String = get(d, "rope_scaling_kind")?;
     let p: [f64; 4] = get(d, "rope_scaling_params")?;
-    let rope_scaling = match kind.as_str() {
-        "none" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: p[0] },
-        "llama3" => RopeScaling::Llama3 { factor: p[0], low_freq_factor: p[1], high_freq_factor: p[2], original_max_position_embeddings: p[3] },
-        other => return Err(PyValueError::new_err(format!("unsupported rope scaling {other:?}"))),
-    };
+    let rope_scaling = RopeScaling::from_parts(&kind, p).map_err(super::to_py_err)?;
     Ok(LlamaConfig {
         vocab_size: get(d, "vocab_size")?,
         hidden_size: get(d, "hidden_size")?,

@@ -90,22 +90,6 @@ fn rms_norm<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, weight: PyRea
     to_array(py, out, &sx)
 }
 
-/// `scaling` is (kind, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
-/// with kind "none", "linear" or "llama3", as `ellm.ops` prepares it.
-fn rope_scaling(kind: &str, p: [f64; 4]) -> PyResult<rope::RopeScaling> {
-    match kind {
-        "none" => Ok(rope::RopeScaling::None),
-        "linear" => Ok(rope::RopeScaling::Linear { factor: p[0] }),
-        "llama3" => Ok(rope::RopeScaling::Llama3 {
-            factor: p[0],
-            low_freq_factor: p[1],
-            high_freq_factor: p[2],
-            original_max_position_embeddings: p[3],
-        }),
-        other => Err(PyValueError::new_err(format!("unsupported rope scaling {other:?}"))),
-    }
-}
-
 #[pyfunction]
 #[pyo3(name = "rope")]
 fn rope_py<'py>(
@@ -125,7 +109,7 @@ fn rope_py<'py>(
         return Err(PyValueError::new_err("rope: positions must be >= 0"));
     }
     let positions: Vec<usize> = positions.into_iter().map(|p| p as usize).collect();
-    let scaling = rope_scaling(scaling_kind, scaling_params)?;
+    let scaling = rope::RopeScaling::from_parts(scaling_kind, scaling_params).map_err(super::to_py_err)?;
     let xs = slice(&x, "x")?;
     let out = py.detach(|| {
         guarded(|| {

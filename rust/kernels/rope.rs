@@ -15,6 +15,24 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
+impl RopeScaling {
+    /// From the flat form the Python side passes: kind "none", "linear" or "llama3" and
+    /// [factor, low_freq_factor, high_freq_factor, original_max_position_embeddings].
+    pub fn from_parts(kind: &str, p: [f64; 4]) -> Result<Self> {
+        Ok(match kind {
+            "none" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: p[0] },
+            "llama3" => RopeScaling::Llama3 {
+                factor: p[0],
+                low_freq_factor: p[1],
+                high_freq_factor: p[2],
+                original_max_position_embeddings: p[3],
+            },
+            other => return Err(EllmError::Value(format!("unsupported rope scaling {other:?}"))),
+        })
+    }
+}
+
 /// The `head_dim / 2` rotation frequencies, after scaling.
 pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Result<Vec<f32>> {
     if head_dim == 0 || head_dim % 2 != 0 {
