@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_into, View};
+use super::matmul::{gemm_into, DisjointWrites, View};
 use super::simd::{axpy, dot};
 use super::softmax::softmax_in_place;
 use crate::error::{EllmError, Result};
@@ -109,7 +109,7 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
     let (sq, sk, nh, d) = (shape.q_len, shape.kv_len, shape.n_heads, shape.head_dim);
     let group = nh / shape.n_kv_heads;
     let row = nh * d;
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = DisjointWrites(out.as_mut_ptr());
     (0..nh).into_par_iter().for_each(|h| {
         let g = h / group;
         let mut scores = vec![0.0f32; sq * sk];
@@ -129,20 +129,14 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
             r[visible..].fill(f32::NEG_INFINITY);
             softmax_in_place(r);
         }
-        let out_ptr = &out_ptr;
         unsafe {
-            gemm_into(sq, d, sk, out_ptr.0.add(h * d), row, 1,
+            gemm_into(sq, d, sk, out_ptr.at(h * d), row, 1,
                       View { ptr: scores.as_ptr(), row_stride: sk, col_stride: 1 },
                       View { ptr: v.data.as_ptr().add(g * v.head_stride), row_stride: v.row_stride, col_stride: 1 },
                       gemm::Parallelism::None);
         }
     });
 }
-
-/// A raw pointer that heads writing disjoint columns may share across threads.
-struct SendPtr(*mut f32);
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 #[cfg(test)]
 mod tests {

@@ -17,6 +17,18 @@ fn gemv_rows_per_task(k: usize) -> usize {
     (GEMV_BYTES_PER_TASK / (4 * k.max(1))).div_ceil(4).max(1) * 4
 }
 
+/// A pointer into an output buffer that parallel tasks share, each writing only its own
+/// disjoint part (columns of a product, heads of an attention output).
+pub(crate) struct DisjointWrites(pub *mut f32);
+// SAFETY: users write disjoint ranges only; the buffer outlives the parallel region.
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    pub fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// A matrix operand for `gemm`: element (row, col) sits at `ptr + row * row_stride + col * col_stride`.
 #[derive(Clone, Copy)]
 pub(crate) struct View {
@@ -95,17 +107,9 @@ const SPLIT_COLUMNS_MAX_ROWS: usize = 256;
 const SPLIT_COLUMNS_MIN_ROWS: usize = 64;
 
 fn linear_split_columns(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    struct Columns(*mut f32);
-    // SAFETY: tasks write disjoint column ranges of `out`.
-    unsafe impl Sync for Columns {}
-    impl Columns {
-        fn at(&self, j: usize) -> *mut f32 {
-            self.0.wrapping_add(j)
-        }
-    }
     let threads = rayon::current_num_threads().max(1);
     let per_task = n.div_ceil(threads).div_ceil(SPLIT_COLUMNS_MIN_ROWS).max(1) * SPLIT_COLUMNS_MIN_ROWS;
-    let dst = Columns(out.as_mut_ptr());
+    let dst = DisjointWrites(out.as_mut_ptr());
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let first = task * per_task;
         let cols = per_task.min(n - first);
