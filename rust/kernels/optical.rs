@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::quantize::{check_bits, quantize_scalar, quantize_slice};
+use super::quantize::{check_bits, quantize, quantize_scalar, quantize_slice};
 use super::rng::fill_normal_serial;
 use super::math::dispatch;
 use super::matmul;
@@ -89,7 +89,7 @@ pub fn optical_linear(
         }
         return Ok(());
     }
-    x_q.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(q, x)| quantize_slice(x, levels, 0.0, 1.0, q));
+    quantize(x, p.precision, 0.0, 1.0, &mut x_q)?;
     if batch <= PARALLEL_PRODUCT_ROWS {
         matmul::linear(&x_q, weight, None, out, batch, n_in, n_out);
         out.par_chunks_mut(n_out).zip(masks.par_iter_mut()).enumerate().for_each(|(r, (row, mask))| {
