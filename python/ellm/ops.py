@@ -35,6 +35,13 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def check_bits(value: Any, name: str = "bits") -> int:
+    """An int in 1..=16 (quantizer and DAC/ADC precision), or ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 16:
+        raise ValueError(f"{name} must be an int in 1..=16, got {value!r}")
+    return int(value)
+
+
 def _u64(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -160,11 +167,10 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = True, start_pos: int = 0
 
 def quantize(x: Any, bits: int, min_val: float = 0.0, max_val: float = 1.0) -> np.ndarray:
     """Uniform fake quantization to `2**bits` levels on [min_val, max_val] (ties round to even)."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in 1..=16, got {bits!r}")
+    bits = check_bits(bits)
     if not min_val <= max_val:
         raise ValueError(f"min_val ({min_val}) must not exceed max_val ({max_val})")
-    return _impl().quantize(_f32(x, "x"), int(bits), float(min_val), float(max_val))
+    return _impl().quantize(_f32(x, "x"), bits, float(min_val), float(max_val))
 
 
 def normal(shape: int | Sequence[int], seed: int, stream: int = 0) -> np.ndarray:
@@ -207,13 +213,12 @@ def optical_linear(
         b = _f32(bias, "bias")
         if b.shape != (w.shape[0],):
             raise ValueError(f"optical_linear: bias {b.shape} does not fit weight {w.shape}")
-    if isinstance(precision, bool) or not isinstance(precision, (int, np.integer)) or not 1 <= precision <= 16:
-        raise ValueError(f"precision must be an int in 1..=16, got {precision!r}")
+    precision = check_bits(precision, "precision")
     for name, value in (("noise_level", noise_level), ("temp_drift", temp_drift)):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     y, mask = _impl().optical_linear(
-        _rows(x), w, b, int(precision), float(noise_level), float(temp_drift),
+        _rows(x), w, b, precision, float(noise_level), float(temp_drift),
         float(attenuation), float(thermal_std), bool(training), _u64(seed, "seed"), bool(return_mask),
     )
     y = y.reshape(*x.shape[:-1], w.shape[0])
@@ -232,7 +237,6 @@ def optical_linear_backward(grad_y: Any, x: Any, weight: Any, pre_adc_mask: Any,
             or mask.shape != g.shape:
         raise ValueError(f"optical_linear_backward: grad_y {g.shape}, x {x.shape}, weight {w.shape}, "
                          f"mask {mask.shape} do not fit")
-    if isinstance(precision, bool) or not isinstance(precision, (int, np.integer)) or not 1 <= precision <= 16:
-        raise ValueError(f"precision must be an int in 1..=16, got {precision!r}")
-    gx, gw = _impl().optical_linear_backward(_rows(g), _rows(x), w, _rows(mask), int(precision), float(attenuation))
+    precision = check_bits(precision, "precision")
+    gx, gw = _impl().optical_linear_backward(_rows(g), _rows(x), w, _rows(mask), precision, float(attenuation))
     return gx.reshape(x.shape), gw

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ..ops import check_bits
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
@@ -15,8 +17,7 @@ class HardwareProfile:
     attenuation: float   # optical power reaching the detectors
 
     def validate(self) -> HardwareProfile:
-        if isinstance(self.precision, bool) or not isinstance(self.precision, int) or not 1 <= self.precision <= 16:
-            raise ValueError(f"precision must be an int in 1..=16, got {self.precision!r}")
+        check_bits(self.precision, "precision")
         for field in ("noise_level", "temp_drift"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
