@@ -32,6 +32,8 @@ def _f32(x: Any, name: str) -> np.ndarray:
 
 def _rows(x: np.ndarray) -> np.ndarray:
     """x `[..., d]` as a 2-D `[rows, d]` view (also when d or a leading dimension is 0)."""
+    if x.ndim == 2:
+        return x
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
@@ -70,7 +72,7 @@ def linear(x: Any, weight: Any, bias: Any = None) -> np.ndarray:
         if b.shape != (w.shape[0],):
             raise ValueError(f"linear: bias {b.shape} does not fit weight {w.shape}")
     out = _impl().linear(_rows(x), w, b)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    return out if x.ndim == 2 else out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def rms_norm(x: Any, weight: Any, eps: float = 1e-5) -> np.ndarray:
@@ -201,13 +203,12 @@ def optical_linear(
     return_mask: bool = False,
 ):
     """The fused optical layer (see `ellm.optical`): DAC, product, drift and noise (training),
-    attenuation, ADC, bias. x `[..., in]`, weight `[out, in]`. With `return_mask`, also the
-    uint8 mask of outputs whose analog value was inside the ADC range (for the STE backward)."""
+    attenuation, ADC, bias. x `[..., in]` (NaN or infinite values raise ValueError), weight
+    `[out, in]`. With `return_mask`, also the uint8 mask of outputs whose analog value was inside
+    the ADC range (for the STE backward)."""
     x, w = _f32(x, "x"), _f32(weight, "weight")
     if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"optical_linear: x {x.shape} and weight {w.shape} do not fit (x [..., in], weight [out, in])")
-    if not np.isfinite(x).all():
-        raise ValueError("optical_linear: x contains NaN or infinite values")
     b = None
     if bias is not None:
         b = _f32(bias, "bias")
@@ -221,7 +222,8 @@ def optical_linear(
         _rows(x), w, b, precision, float(noise_level), float(temp_drift),
         float(attenuation), float(thermal_std), bool(training), _u64(seed, "seed"), bool(return_mask),
     )
-    y = y.reshape(*x.shape[:-1], w.shape[0])
+    if x.ndim != 2:
+        y = y.reshape(*x.shape[:-1], w.shape[0])
     if return_mask:
         return y, mask.reshape(y.shape)
     return y

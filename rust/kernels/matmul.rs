@@ -4,10 +4,11 @@
 
 use rayon::prelude::*;
 
-use super::simd::{dot, dot4};
+use super::simd::{self, dot_tile, RowsAlignedLike};
+use super::team;
 
 /// Below this many input rows `linear` streams the weights row by row instead of calling GEMM.
-const GEMV_MAX_ROWS: usize = 8;
+const GEMV_MAX_ROWS: usize = 64;
 /// Bytes of weights per parallel task in the streaming path: small enough that every matrix of
 /// a small model splits evenly over the threads, large enough that scheduling stays cheap.
 const GEMV_BYTES_PER_TASK: usize = 64 * 1024;
@@ -19,13 +20,22 @@ fn gemv_rows_per_task(k: usize) -> usize {
 
 /// A pointer into an output buffer that parallel tasks share, each writing only its own
 /// disjoint part (columns of a product, heads of an attention output).
-pub(crate) struct DisjointWrites(pub *mut f32);
+pub(crate) struct DisjointWrites<T = f32>(pub *mut T);
 // SAFETY: users write disjoint ranges only; the buffer outlives the parallel region.
-unsafe impl Sync for DisjointWrites {}
+unsafe impl<T> Sync for DisjointWrites<T> {}
 
-impl DisjointWrites {
-    pub fn at(&self, i: usize) -> *mut f32 {
+impl<T> DisjointWrites<T> {
+    pub fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
+    }
+
+    /// Elements `i..i + len` as a slice.
+    ///
+    /// # Safety
+    /// The range lies inside the buffer and no one else touches it while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, i: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.at(i), len)
     }
 }
 
@@ -130,13 +140,24 @@ pub fn linear_single_thread(x: &[f32], weight: &[f32], out: &mut [f32], m: usize
         return;
     }
     if m <= GEMV_MAX_ROWS {
-        for (row, xi) in out.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
-            gemv_rows(xi, weight, row, k);
-        }
+        // SAFETY: all of `out` belongs to this call.
+        unsafe { columns(x, weight, &DisjointWrites(out.as_mut_ptr()), m, k, n, 0, n) };
         return;
     }
     // SAFETY: as in `linear`.
     unsafe { linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::None) };
+}
+
+/// `linear_single_thread` for a few input rows already laid out against `weight` by
+/// `RowsAlignedLike` (for callers that transform the rows as they lay them out).
+pub fn linear_aligned_single_thread(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(weight.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    if m > 0 {
+        assert_eq!(x.row(m - 1).len(), k);
+        // SAFETY: all of `out` belongs to this call.
+        unsafe { columns_aligned(x, weight, &DisjointWrites(out.as_mut_ptr()), m, k, n, 0, n) };
+    }
 }
 
 /// `out[m, n] = x[m, k] @ weight[n, k]^T (+ bias[n])`: PyTorch's `nn.Linear`.
@@ -148,7 +169,7 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
         return;
     }
     if m <= GEMV_MAX_ROWS || k == 0 {
-        linear_streaming(x, weight, out, m, k, n);
+        linear_few_rows(x, weight, out, m, k, n);
     } else if m <= SPLIT_COLUMNS_MAX_ROWS {
         linear_split_columns(x, weight, out, m, k, n);
     } else {
@@ -165,15 +186,77 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
     }
 }
 
-/// `out[j] = dot(x, weight row j)` for the rows of `weight` (`[out.len(), k]`), four at a time.
-fn gemv_rows(x: &[f32], weight: &[f32], out: &mut [f32], k: usize) {
+/// `out[j] = dot(x, weight row j)` for the rows of `weight` (`[out.len(), k]`), four at a time;
+/// `head` as `simd::dot_tile` takes it, for the matrix these rows belong to.
+fn gemv_rows(x: &[f32], weight: &[f32], out: &mut [f32], k: usize, head: usize) {
+    let row = |j: usize| weight[j * k..].as_ptr();
+    let x = [x.as_ptr()];
     let full = out.len() / 4 * 4;
+    // SAFETY (both calls): every row pointer addresses k floats of `weight`, x holds k floats.
     for j in (0..full).step_by(4) {
-        let row = |r: usize| &weight[(j + r) * k..(j + r + 1) * k];
-        out[j..j + 4].copy_from_slice(&dot4(x, [row(0), row(1), row(2), row(3)]));
+        // The same place 4 rows on belongs to the next block: prefetching it overlaps the
+        // memory latency (GEMV is bandwidth-bound).
+        let tile = unsafe { dot_tile::<4, 1>(std::array::from_fn(|r| row(j + r)), x, k, head, 4 * k) };
+        for (o, [v]) in out[j..j + 4].iter_mut().zip(tile) {
+            *o = v;
+        }
     }
     for j in full..out.len() {
-        out[j] = dot(x, &weight[j * k..(j + 1) * k]);
+        out[j] = unsafe { dot_tile::<1, 1>([row(j)], x, k, head, 0) }[0][0];
+    }
+}
+
+/// Weight rows per tile in `linear_columns`; with `TILE_INPUTS` input rows this makes 16
+/// accumulators, which with the 10 operands loaded per step fit the 32 vector registers of
+/// AVX-512 (24 accumulators would spill).
+const TILE_WEIGHTS: usize = 2;
+const TILE_INPUTS: usize = 8;
+/// Elements ahead to prefetch the weight rows of a tile.
+const TILE_PREFETCH: usize = 64;
+
+/// Columns `first..last` of `out[m, n] = x[m, k] @ weight[n, k]^T`, by tiles of dot products
+/// (input rows outermost, so a block of them stays in L1 while the weight rows stream past).
+///
+/// # Safety
+/// `out` points at an `[m, n]` buffer whose columns `first..last` belong to the caller alone.
+#[allow(clippy::too_many_arguments)]
+unsafe fn linear_columns(x: &RowsAlignedLike, weight: &[f32], out: &DisjointWrites, m: usize, k: usize, n: usize,
+                         first: usize, last: usize) {
+    let head = simd::head(weight.as_ptr());
+    let mut i = 0;
+    while i < m {
+        let rows = [TILE_INPUTS, 4, 2, 1].into_iter().find(|&r| r <= m - i).unwrap_or(1);
+        match rows {
+            TILE_INPUTS => column_tiles::<TILE_INPUTS>(x, weight, out, i, k, n, first, last, head),
+            4 => column_tiles::<4>(x, weight, out, i, k, n, first, last, head),
+            2 => column_tiles::<2>(x, weight, out, i, k, n, first, last, head),
+            _ => column_tiles::<1>(x, weight, out, i, k, n, first, last, head),
+        }
+        i += rows;
+    }
+}
+
+/// `linear_columns` for the RX input rows starting at `i`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn column_tiles<const RX: usize>(x: &RowsAlignedLike, weight: &[f32], out: &DisjointWrites, i: usize, k: usize, n: usize,
+                                        first: usize, last: usize, head: usize) {
+    let inputs: [*const f32; RX] = std::array::from_fn(|c| x.row(i + c).as_ptr());
+    let row = |j: usize| weight[j * k..].as_ptr();
+    let mut j = first;
+    while j + TILE_WEIGHTS <= last {
+        let tile = dot_tile::<TILE_WEIGHTS, RX>(std::array::from_fn(|r| row(j + r)), inputs, k, head, TILE_PREFETCH);
+        for (r, values) in tile.iter().enumerate() {
+            for (c, &v) in values.iter().enumerate() {
+                *out.at((i + c) * n + j + r) = v;
+            }
+        }
+        j += TILE_WEIGHTS;
+    }
+    for j in j..last {
+        let [values] = dot_tile::<1, RX>([row(j)], inputs, k, head, TILE_PREFETCH);
+        for (c, &v) in values.iter().enumerate() {
+            *out.at((i + c) * n + j) = v;
+        }
     }
 }
 
@@ -188,50 +271,58 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
         return;
     }
     let per_task = gemv_rows_per_task(k);
-    let mut tasks: Vec<(&[f32], &mut [f32])> = Vec::new();
+    let mut tasks: Vec<(&[f32], &mut [f32], usize)> = Vec::new();
     for ((w, _), out) in weights.iter().zip(outs.iter_mut()) {
+        let head = simd::head(w.as_ptr());
         for (i, chunk) in out.chunks_mut(per_task).enumerate() {
             let first = i * per_task;
-            tasks.push((&w[first * k..(first + chunk.len()) * k], chunk));
+            tasks.push((&w[first * k..(first + chunk.len()) * k], chunk, head));
         }
     }
-    tasks.into_par_iter().for_each(|(w, chunk)| gemv_rows(x, w, chunk, k));
+    tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head));
 }
 
-fn linear_streaming(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    let per_task = gemv_rows_per_task(k);
+/// Columns `first..last` of `out[m, n] = x[m, k] @ weight[n, k]^T`: four weight rows at a time
+/// against a single input row, tiles of dot products for several.
+///
+/// # Safety
+/// As `linear_columns`.
+unsafe fn columns(x: &[f32], weight: &[f32], out: &DisjointWrites, m: usize, k: usize, n: usize, first: usize, last: usize) {
+    if first < last {
+        columns_aligned(&RowsAlignedLike::new(x, k, weight.as_ptr()), weight, out, m, k, n, first, last);
+    }
+}
+
+/// `columns` for inputs already laid out against `weight`.
+///
+/// # Safety
+/// As `linear_columns`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_aligned(x: &RowsAlignedLike, weight: &[f32], out: &DisjointWrites, m: usize, k: usize, n: usize,
+                          first: usize, last: usize) {
     if m == 1 {
-        out.par_chunks_mut(per_task).enumerate().for_each(|(task, chunk)| {
-            let first = task * per_task;
-            gemv_rows(x, &weight[first * k..(first + chunk.len()) * k], chunk, k);
-        });
+        gemv_rows(x.row(0), &weight[first * k..last * k], out.slice(first, last - first), k, simd::head(weight.as_ptr()));
+    } else {
+        linear_columns(x, weight, out, m, k, n, first, last);
+    }
+}
+
+/// `linear` for a few input rows: the weights are streamed once, each thread taking a fixed
+/// share of the output columns (see `team`), or tasks of `GEMV_BYTES_PER_TASK` inside rayon.
+fn linear_few_rows(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    let dst = DisjointWrites(out.as_mut_ptr());
+    // SAFETY (both closures): every call gets its own column range of `out`.
+    let by_part = |part: usize, parts: usize| {
+        let range = team::share(n, 4, part, parts);
+        unsafe { columns(x, weight, &dst, m, k, n, range.start, range.end) };
+    };
+    if team::try_run(&by_part) {
         return;
     }
-    // Several input rows: compute a block of output columns for all of them, reading each
-    // weight row once, then scatter into the row-major output.
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(per_task))
-        .into_par_iter()
-        .map(|task| {
-            let first = task * per_task;
-            let last = (first + per_task).min(n);
-            let mut block = vec![0.0f32; (last - first) * m];
-            for j in first..last {
-                let row = &weight[j * k..(j + 1) * k];
-                for i in 0..m {
-                    block[(j - first) * m + i] = dot(&x[i * k..(i + 1) * k], row);
-                }
-            }
-            (first, block)
-        })
-        .collect();
-    for (first, block) in blocks {
-        let cols = block.len() / m;
-        for jj in 0..cols {
-            for i in 0..m {
-                out[i * n + first + jj] = block[jj * m + i];
-            }
-        }
-    }
+    let per_task = gemv_rows_per_task(k);
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| unsafe {
+        columns(x, weight, &dst, m, k, n, task * per_task, ((task + 1) * per_task).min(n))
+    });
 }
 
 #[cfg(test)]

@@ -11,3 +11,4 @@ pub mod rng;
 pub mod rope;
 pub mod simd;
 pub mod softmax;
+pub mod team;

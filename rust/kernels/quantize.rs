@@ -1,8 +1,8 @@
 //! Uniform k-bit fake quantization: clamp to [min, max], snap to one of 2^bits levels, map back.
 
-use rayon::prelude::*;
-
 use super::math::dispatch;
+use super::matmul::DisjointWrites;
+use super::team;
 use crate::error::{EllmError, Result};
 
 pub fn check_bits(bits: u32) -> Result<()> {
@@ -30,9 +30,14 @@ pub fn quantize(x: &[f32], bits: u32, min_val: f32, max_val: f32, out: &mut [f32
         return Err(EllmError::Value(format!("min_val ({min_val}) must not exceed max_val ({max_val})")));
     }
     let levels = ((1u32 << bits) - 1) as f32;
-    out.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(o, x)| quantize_slice(x, levels, min_val, max_val, o));
+    assert_eq!(x.len(), out.len());
+    let dst = DisjointWrites(out.as_mut_ptr());
+    team::run(&|part, parts| {
+        let share = team::share(x.len(), 16, part, parts);
+        // SAFETY: each part writes its own share of `out`.
+        let out = unsafe { dst.slice(share.start, share.len()) };
+        quantize_slice(&x[share], levels, min_val, max_val, out);
+    });
     Ok(())
 }
 

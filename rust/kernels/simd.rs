@@ -1,4 +1,5 @@
-//! The two inner loops everything hot reduces to: a dot product and `y += a * x`.
+//! The inner loops everything hot reduces to: a dot product, a tile of dot products and
+//! `y += a * x`.
 //!
 //! Each has a portable version and an AVX2+FMA version chosen at run time, so one wheel runs
 //! everywhere and still uses the vector units where they exist.
@@ -16,22 +17,79 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// Four dot products against the same `x`: each load of `x` serves four weight rows, and the four
-/// row streams keep more memory requests in flight than one (GEMV is bandwidth-bound).
+/// The RW x RX dot products of `RW` weight rows with `RX` input rows (all of length `k`):
+/// `out[r][c] = dot(w[r], x[c])`. Each loaded vector of a weight row serves RX inputs and each
+/// vector of an input row serves RW weight rows, so a small batch against a weight matrix runs
+/// at the multiply-add rate rather than the load rate; with RX = 1 and four rows it is the GEMV
+/// kernel, whose four streams keep more memory requests in flight than one.
+///
+/// `head` (see `head`) sets where the full vector steps start. Products of one matrix must pass
+/// the same `head` for all its rows, so that a row's sum does not depend on which tile or
+/// thread computed it. `prefetch` is how many elements ahead to prefetch the weight rows.
+///
+/// # Safety
+/// Every pointer must address `k` readable floats.
 #[inline]
-pub fn dot4(x: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
+pub unsafe fn dot_tile<const RW: usize, const RX: usize>(
+    w: [*const f32; RW],
+    x: [*const f32; RX],
+    k: usize,
+    head: usize,
+    prefetch: usize,
+) -> [[f32; RX]; RW] {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx512() {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { x86::dot4_avx512(x, rows) };
+            return x86::dot_tile_avx512(w, x, k, head.min(k), prefetch);
         }
         if has_avx2_fma() {
             // SAFETY: as above.
-            return unsafe { x86::dot4_avx2(x, rows) };
+            return x86::dot_tile_avx2(w, x, k);
         }
     }
-    rows.map(|r| dot_portable(x, r))
+    let slice = |p: *const f32| std::slice::from_raw_parts(p, k);
+    w.map(|wr| x.map(|xc| dot_portable(slice(wr), slice(xc))))
+}
+
+/// Rows of `k` floats copied so that each starts at the same place within a 64-byte cache line
+/// as `like` (a weight matrix): with the matching `head`, the vector kernels then read both
+/// operands in whole cache lines. A 64-byte load across two lines costs two, which halves the
+/// throughput of a kernel that loads as much as it multiplies.
+pub struct RowsAlignedLike {
+    buf: Vec<f32>,
+    start: usize,
+    stride: usize,
+    k: usize,
+}
+
+impl RowsAlignedLike {
+    pub fn new(x: &[f32], k: usize, like: *const f32) -> Self {
+        Self::map(x, k, like, |src, dst| dst.copy_from_slice(src))
+    }
+
+    /// `new`, with each row written by `f(source row, destination row)` (a copy in `new`).
+    pub fn map(x: &[f32], k: usize, like: *const f32, f: impl Fn(&[f32], &mut [f32])) -> Self {
+        let stride = k.next_multiple_of(16);
+        let rows = if k == 0 { 0 } else { x.len() / k };
+        let mut buf = vec![0.0f32; rows * stride + 16];
+        let lane = |p: *const f32| (p as usize % 64) / 4;
+        let start = (lane(like) + 16 - lane(buf.as_ptr())) % 16;
+        for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
+            f(row, &mut buf[start + r * stride..][..k]);
+        }
+        RowsAlignedLike { buf, start, stride, k }
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.buf[self.start + r * self.stride..][..self.k]
+    }
+}
+
+/// Elements before `p` (a matrix) reaches a 64-byte boundary: the `head` of `dot_tile`.
+#[inline]
+pub fn head(p: *const f32) -> usize {
+    p.align_offset(64).min(15)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -60,6 +118,20 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 #[inline]
 pub fn has_avx2_fma() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+/// The sum of `a` in sixteen independent lanes, so it vectorizes (a plain left-to-right sum is
+/// one chain of dependent adds). Inlined into a `dispatch!` kernel, it uses that kernel's vectors.
+#[inline(always)]
+pub fn sum(a: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let mut chunks = a.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 /// Eight independent accumulators, so the compiler can keep them in one vector register.
@@ -117,58 +189,72 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot4_avx2(x: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
-        let n = x.len();
-        let px = x.as_ptr();
-        let p = rows.map(|r| r.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
+    pub unsafe fn dot_tile_avx2<const RW: usize, const RX: usize>(
+        w: [*const f32; RW],
+        x: [*const f32; RX],
+        k: usize,
+    ) -> [[f32; RX]; RW] {
+        let mut acc = [[_mm256_setzero_ps(); RX]; RW];
         let mut i = 0;
-        while i + 8 <= n {
-            let xv = _mm256_loadu_ps(px.add(i));
-            for r in 0..4 {
-                acc[r] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(p[r].add(i)), acc[r]);
+        while i + 8 <= k {
+            let wv = w.map(|p| _mm256_loadu_ps(p.add(i)));
+            for c in 0..RX {
+                let xv = _mm256_loadu_ps(x[c].add(i));
+                for r in 0..RW {
+                    acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+                }
             }
             i += 8;
         }
-        let mut out = [0.0f32; 4];
-        for r in 0..4 {
-            let hi = _mm256_extractf128_ps(acc[r], 1);
-            let s = _mm_add_ps(hi, _mm256_castps256_ps128(acc[r]));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            out[r] = _mm_cvtss_f32(s);
-            for j in i..n {
-                out[r] += *px.add(j) * *p[r].add(j);
+        let mut out = [[0.0f32; RX]; RW];
+        for r in 0..RW {
+            for c in 0..RX {
+                let a = acc[r][c];
+                let s = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                out[r][c] = _mm_cvtss_f32(s);
+                for j in i..k {
+                    out[r][c] += *w[r].add(j) * *x[c].add(j);
+                }
             }
         }
         out
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot4_avx512(x: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
-        let n = x.len();
-        let px = x.as_ptr();
-        let p = rows.map(|r| r.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 16 <= n {
-            let xv = _mm512_loadu_ps(px.add(i));
-            for r in 0..4 {
-                // GEMV callers pass consecutive rows of one matrix: the same line 4 rows on
-                // belongs to the next block, so asking for it now overlaps the memory latency.
-                _mm_prefetch::<_MM_HINT_T0>(p[r].wrapping_add(i + 4 * n) as *const i8);
-                acc[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(p[r].add(i)), acc[r]);
+    pub unsafe fn dot_tile_avx512<const RW: usize, const RX: usize>(
+        w: [*const f32; RW],
+        x: [*const f32; RX],
+        k: usize,
+        head: usize,
+        prefetch: usize,
+    ) -> [[f32; RX]; RW] {
+        let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+        let mut step = |i: usize, mask: __mmask16| {
+            for p in w {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + prefetch) as *const i8);
             }
+            let wv = w.map(|p| _mm512_maskz_loadu_ps(mask, p.add(i)));
+            for c in 0..RX {
+                let xv = _mm512_maskz_loadu_ps(mask, x[c].add(i));
+                for r in 0..RW {
+                    acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
+                }
+            }
+        };
+        if head > 0 {
+            step(0, (1u16 << head) - 1);
+        }
+        let mut i = head;
+        while i + 16 <= k {
+            step(i, u16::MAX);
             i += 16;
         }
-        if i < n {
-            let mask: __mmask16 = (1u16 << (n - i)) - 1;
-            let xv = _mm512_maskz_loadu_ps(mask, px.add(i));
-            for r in 0..4 {
-                acc[r] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mask, p[r].add(i)), acc[r]);
-            }
+        if i < k {
+            step(i, (1u16 << (k - i)) - 1);
         }
-        acc.map(|a| _mm512_reduce_add_ps(a))
+        acc.map(|row| row.map(|a| _mm512_reduce_add_ps(a)))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -205,15 +291,40 @@ mod tests {
     }
 
     #[test]
-    fn dot4_matches_dot_for_every_tail_length() {
-        for n in 0..70 {
-            let rows: Vec<Vec<f32>> = (0..4).map(|r| (0..n).map(|i| ((i * 7 + r) as f32 * 0.3).sin()).collect()).collect();
-            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let got = dot4(&x, [&rows[0], &rows[1], &rows[2], &rows[3]]);
-            for r in 0..4 {
-                assert!((got[r] - dot_portable(&x, &rows[r])).abs() < 1e-4, "n = {n}");
+    fn dot_tile_matches_dot_for_every_length_and_head() {
+        for n in 0..40 {
+            let rows: Vec<Vec<f32>> = (0..5).map(|r| (0..n).map(|i| ((i * 7 + r) as f32 * 0.3).sin()).collect()).collect();
+            let w = [rows[0].as_ptr(), rows[1].as_ptr(), rows[2].as_ptr()];
+            let x = [rows[3].as_ptr(), rows[4].as_ptr()];
+            for head in [0, 3, 15] {
+                // SAFETY: every row holds n floats.
+                let got = unsafe { dot_tile::<3, 2>(w, x, n, head, 64) };
+                for r in 0..3 {
+                    for c in 0..2 {
+                        assert!((got[r][c] - dot_portable(&rows[r], &rows[3 + c])).abs() < 1e-4, "n = {n}");
+                    }
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_row_sums_the_same_in_every_tile_shape() {
+        // The GEMV kernel (4 x 1), a wide tile (2 x 8) and a lone row (1 x 1) must agree exactly,
+        // or a result would depend on batch size or thread count.
+        let k = 100;
+        let rows: Vec<Vec<f32>> = (0..8).map(|r| (0..k).map(|i| ((i * 5 + r) as f32 * 0.7).cos()).collect()).collect();
+        let p: Vec<*const f32> = rows.iter().map(|r| r.as_ptr()).collect();
+        let head = head(p[0]);
+        // SAFETY: every row holds k floats.
+        let (a, b, c) = unsafe {
+            (dot_tile::<4, 1>([p[0], p[1], p[2], p[3]], [p[7]], k, head, 0),
+             dot_tile::<2, 8>([p[0], p[1]], std::array::from_fn(|i| p[i]), k, head, 0),
+             dot_tile::<1, 1>([p[1]], [p[7]], k, head, 0))
+        };
+        assert_eq!(a[0][0], b[0][7]);
+        assert_eq!(a[1][0], b[1][7]);
+        assert_eq!(a[1][0], c[0][0]);
     }
 
     #[test]

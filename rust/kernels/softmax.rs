@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::math::{dispatch, exp};
+use super::simd::sum;
 
 const ROWS_PER_TASK: usize = 16;
 
@@ -25,15 +26,7 @@ dispatch! {
         for v in row.iter_mut() {
             *v = exp(*v - max);
         }
-        let mut lanes = [0.0f32; 16];
-        let mut chunks = row.chunks_exact(16);
-        for c in &mut chunks {
-            for (l, v) in lanes.iter_mut().zip(c) {
-                *l += v;
-            }
-        }
-        let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-        let inv = 1.0 / sum;
+        let inv = 1.0 / sum(row);
         for v in row.iter_mut() {
             *v *= inv;
         }
