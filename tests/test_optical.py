@@ -157,7 +157,8 @@ def test_ste_backward_against_finite_differences():
     np.testing.assert_allclose(layer.grad_bias, g.sum(axis=0), atol=1e-6)
 
 
-def test_errors():
+@pytest.mark.parametrize("backend", ["rust", "numpy"], indirect=True)
+def test_errors(backend):
     layer = OpticalLinear(4, 2, seed=0)
     with pytest.raises(ValueError, match="NaN or infinite"):
         layer(np.array([[0.1, np.nan, 0.2, 0.3]]))

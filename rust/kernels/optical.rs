@@ -3,12 +3,13 @@
 //! before it is written. Noise for sample row r comes from normal stream (seed, r), so the
 //! result does not depend on how rows are spread over threads.
 
-use rayon::prelude::*;
-
-use super::quantize::{check_bits, quantize, quantize_scalar, quantize_slice};
+use super::quantize::{check_bits, quantize_scalar, quantize_slice};
 use super::rng::fill_normal_serial;
 use super::math::dispatch;
-use super::matmul;
+use super::matmul::{self, DisjointWrites};
+use super::simd::{sum, RowsAlignedLike};
+use super::team;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use crate::error::{EllmError, Result};
 
 #[derive(Clone, Copy, Debug)]
@@ -42,21 +43,20 @@ impl OpticalParams {
     }
 }
 
-/// Rows per parallel task on the GEMM path.
-const TILE_ROWS: usize = 32;
-/// Up to this many rows one parallel product covers the batch and the rows are finished in
-/// parallel after it; beyond, each task takes a tile of rows from product to finish.
-const PARALLEL_PRODUCT_ROWS: usize = 64;
-/// Up to this many multiply-adds everything runs on the calling thread: waking the pool costs
-/// more than such a product (a 784 x 512 layer at batch 1 is 0.4 M).
-const SERIAL_WORK: usize = 1 << 20;
+/// From this many rows on, each thread takes a share of the rows from DAC to ADC; below it the
+/// threads share the outputs of the product instead (a lone row has nothing else to split).
+const ROW_SPLIT_MIN: usize = 16;
+/// Shares of rows are multiples of the product kernel's block of input rows.
+const ROW_BLOCK: usize = 8;
+/// Up to this many multiply-adds everything runs on the calling thread.
+const SERIAL_WORK: usize = 1 << 16;
 
 /// x `[batch, n_in]`, weight `[n_out, n_in]` -> out `[batch, n_out]`. When `pre_adc_mask` is
 /// given, it receives 1 where the value reaching the ADC was inside [0, 1] (the straight-through
 /// gradient passes there) and 0 where the ADC clipped it.
 ///
-/// The product of a tile of rows lands in those rows of `out` and is finished there (drift,
-/// noise, attenuation, ADC, bias) while still in cache: no batch-sized intermediate exists.
+/// The product of a row lands in `out` and is finished there (drift, noise, attenuation, ADC,
+/// bias) while still in cache: no batch-sized intermediate exists.
 #[allow(clippy::too_many_arguments)]
 pub fn optical_linear(
     x: &[f32],
@@ -75,40 +75,62 @@ pub fn optical_linear(
     let batch = out.len() / n_out;
     assert_eq!(x.len(), batch * n_in);
     assert_eq!(weight.len(), n_out * n_in);
+    if let Some(mask) = &pre_adc_mask {
+        assert_eq!(mask.len(), out.len());
+    }
     let levels = p.levels();
-    let mut masks: Vec<Option<&mut [u8]>> = match pre_adc_mask {
-        Some(m) => m.chunks_mut(n_out).map(Some).collect(),
-        None => (0..batch).map(|_| None).collect(),
-    };
-    let mut x_q = vec![0.0f32; x.len()];
-    if batch * n_in * n_out <= SERIAL_WORK {
-        quantize_slice(x, levels, 0.0, 1.0, &mut x_q);
-        matmul::linear_single_thread(&x_q, weight, out, batch, n_in, n_out);
-        for (r, (row, mask)) in out.chunks_mut(n_out).zip(masks.iter_mut()).enumerate() {
-            finish_row(row, mask.as_deref_mut(), r, p, levels, bias);
+    let mut mask = pre_adc_mask;
+    // The DAC also notes NaN and infinities, which have no light level: checking while the
+    // rows are in cache costs nothing, and the error is raised once the threads are done.
+    let non_finite = AtomicBool::new(false);
+    let dac = |src: &[f32], dst: &mut [f32]| {
+        if !src.iter().fold(true, |ok, v| ok & v.is_finite()) {
+            non_finite.store(true, Relaxed);
         }
-        return Ok(());
-    }
-    quantize(x, p.precision, 0.0, 1.0, &mut x_q)?;
-    if batch <= PARALLEL_PRODUCT_ROWS {
-        matmul::linear(&x_q, weight, None, out, batch, n_in, n_out);
-        out.par_chunks_mut(n_out).zip(masks.par_iter_mut()).enumerate().for_each(|(r, (row, mask))| {
-            finish_row(row, mask.as_deref_mut(), r, p, levels, bias);
-        });
-        return Ok(());
-    }
-    out.par_chunks_mut(TILE_ROWS * n_out)
-        .zip(masks.par_chunks_mut(TILE_ROWS))
-        .enumerate()
-        .for_each(|(t, (tile, tile_masks))| {
-            let (first, rows) = (t * TILE_ROWS, tile.len() / n_out);
-            let xq = &x_q[first * n_in..(first + rows) * n_in];
-            matmul::linear_single_thread(xq, weight, tile, rows, n_in, n_out);
-            for (i, (row, mask)) in tile.chunks_mut(n_out).zip(tile_masks.iter_mut()).enumerate() {
-                finish_row(row, mask.as_deref_mut(), first + i, p, levels, bias);
+        quantize_slice(src, levels, 0.0, 1.0, dst)
+    };
+    let result = || match non_finite.load(Relaxed) {
+        true => Err(EllmError::Value("optical_linear: x contains NaN or infinite values".into())),
+        false => Ok(()),
+    };
+    // Finishes rows first..last of `rows`; each caller passes rows of its own.
+    let finisher = |rows: DisjointWrites, mask: Option<&mut [u8]>| {
+        let mask = mask.map(|m| DisjointWrites(m.as_mut_ptr()));
+        move |first: usize, last: usize| {
+            for r in first..last {
+                // SAFETY: row r of `out` and of `mask` belongs to this caller.
+                let (row, row_mask) = unsafe { (rows.slice(r * n_out, n_out), mask.as_ref().map(|m| m.slice(r * n_out, n_out))) };
+                finish_row(row, row_mask, r, p, levels, bias);
             }
-        });
-    Ok(())
+        }
+    };
+    if batch * n_in * n_out <= SERIAL_WORK {
+        let x_q = RowsAlignedLike::map(x, n_in, weight.as_ptr(), dac);
+        matmul::linear_aligned_single_thread(&x_q, weight, out, batch, n_in, n_out);
+        finisher(DisjointWrites(out.as_mut_ptr()), mask.as_deref_mut())(0, batch);
+        return result();
+    }
+    if batch < ROW_SPLIT_MIN {
+        let mut x_q = vec![0.0f32; x.len()];
+        dac(x, &mut x_q);
+        matmul::linear(&x_q, weight, None, out, batch, n_in, n_out);
+        finisher(DisjointWrites(out.as_mut_ptr()), mask.as_deref_mut())(0, batch);
+        return result();
+    }
+    let out = out.as_mut_ptr();
+    let (product, finish) = (DisjointWrites(out), finisher(DisjointWrites(out), mask.as_deref_mut()));
+    team::run(&|part, parts| {
+        let rows = team::share(batch, ROW_BLOCK, part, parts);
+        if rows.is_empty() {
+            return;
+        }
+        let x_q = RowsAlignedLike::map(&x[rows.start * n_in..rows.end * n_in], n_in, weight.as_ptr(), dac);
+        // SAFETY: these rows of `out` belong to this part.
+        let share = unsafe { product.slice(rows.start * n_out, rows.len() * n_out) };
+        matmul::linear_aligned_single_thread(&x_q, weight, share, rows.len(), n_in, n_out);
+        finish(rows.start, rows.end);
+    });
+    result()
 }
 
 /// Everything after the product, for sample row `r`: drift and noise (stream r) when noisy,
@@ -117,7 +139,7 @@ fn finish_row(row: &mut [f32], mask: Option<&mut [u8]>, r: usize, p: &OpticalPar
     if p.noisy {
         let mut noise = vec![0.0f32; row.len()];
         fill_normal_serial(&mut noise, p.seed, r as u64);
-        let mean = row.iter().sum::<f32>() / row.len() as f32;
+        let mean = sum(row) / row.len() as f32;
         add_drift_and_noise(row, &noise, 1.0 - 0.8 * p.temp_drift, mean * p.temp_drift * 0.5,
                             p.noise_level * p.noise_level, p.thermal_std * p.thermal_std);
     }
@@ -204,6 +226,19 @@ mod tests {
         let mut out = vec![0.0; 1];
         optical_linear(&[-0.2, 0.3, 0.7, 1.4], &[1.0, 1.0, 1.0, 1.0], None, &p, &mut out, None, 4, 1).unwrap();
         assert_eq!(out, vec![2.0 / 3.0]); // 2 * 0.25 = 0.5 -> 1.5 levels -> rounds to even 2 -> 2/3
+    }
+
+    #[test]
+    fn non_finite_input_is_an_error_on_every_path() {
+        // Serial, a few rows with the outputs split, and rows split over the threads.
+        for (batch, n) in [(1, 100), (2, 300), (40, 300)] {
+            let mut x = vec![0.5f32; batch * n];
+            x[batch * n - 1] = f32::NAN;
+            let w = vec![0.01f32; n * n];
+            let mut out = vec![0.0; batch * n];
+            let err = optical_linear(&x, &w, None, &params(true), &mut out, None, n, n).unwrap_err();
+            assert!(err.to_string().contains("NaN or infinite"), "batch {batch}: {err}");
+        }
     }
 
     #[test]

@@ -159,8 +159,13 @@ def normal(count: int, seed: int, stream: int) -> np.ndarray:
     return normal_streams(count, seed, np.array([stream]))[0]
 
 
+NON_FINITE_INPUT = "optical_linear: x contains NaN or infinite values"
+
+
 def optical_linear(x, weight, bias, precision, noise_level, temp_drift, attenuation, thermal_std, noisy, seed, want_mask):
     """The optical layer step by step (the Rust kernel fuses the same math per element)."""
+    if not np.isfinite(x).all():
+        raise ValueError(NON_FINITE_INPUT)
     s = quantize(x, precision, 0.0, 1.0) @ weight.T
     if noisy:
         s = s * F32(1 - 0.8 * temp_drift) + s.mean(axis=1, keepdims=True) * F32(temp_drift * 0.5)
