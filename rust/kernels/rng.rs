@@ -31,57 +31,106 @@ pub fn mix(z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The generator of one lane, seeded as step 1 of the recipe says.
-pub fn lane_generator(seed: u64, stream: u64, lane_index: u64) -> Xoshiro256PlusPlus {
-    let key = mix(seed ^ mix(stream ^ mix(lane_index)));
-    let mut state = key;
-    let mut bytes = [0u8; 32];
-    for word in bytes.chunks_exact_mut(8) {
+/// The state words of one lane's generator, as step 1 of the recipe says.
+fn lane_state(seed: u64, stream: u64, lane_index: u64) -> [u64; 4] {
+    let mut state = mix(seed ^ mix(stream ^ mix(lane_index)));
+    std::array::from_fn(|_| {
         state = state.wrapping_add(GOLDEN_GAMMA);
-        word.copy_from_slice(&mix(state).to_le_bytes());
+        mix(state)
+    })
+}
+
+/// The generator of one lane.
+pub fn lane_generator(seed: u64, stream: u64, lane_index: u64) -> Xoshiro256PlusPlus {
+    let mut bytes = [0u8; 32];
+    for (chunk, word) in bytes.chunks_exact_mut(8).zip(lane_state(seed, stream, lane_index)) {
+        chunk.copy_from_slice(&word.to_le_bytes());
     }
     Xoshiro256PlusPlus::from_seed(bytes)
+}
+
+/// Steps 1 and 2 of the recipe for one block: `draws / LANES` draws from every lane, as the
+/// integer parts Box–Muller takes (`top`, `mid`; draw `t` of lane `l` at `t * LANES + l`).
+fn draw_block(seed: u64, stream: u64, block: u64, top: &mut [i32], mid: &mut [i32]) {
+    let lane_index = |l: usize| block * LANES as u64 + l as u64;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::simd::has_avx512() {
+            let states: [[u64; 4]; LANES] = std::array::from_fn(|l| lane_state(seed, stream, lane_index(l)));
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { x86::draw_lanes_avx512(&states, top, mid) };
+        }
+    }
+    // Lane by lane, so one generator's state stays in registers.
+    for l in 0..LANES {
+        let mut lane = lane_generator(seed, stream, lane_index(l));
+        for step in 0..top.len() / LANES {
+            let x = lane.next_u64();
+            top[step * LANES + l] = ((x >> 40) + 1) as i32;
+            mid[step * LANES + l] = ((x >> 16) & 0xFF_FFFF) as i32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// The eight lanes of a block side by side, one 64-bit lane each of four vectors holding
+    /// the Xoshiro256++ state words: one step draws from all eight (the same numbers as
+    /// `rand_xoshiro`, which the scalar path uses and the tests compare against).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn draw_lanes_avx512(states: &[[u64; 4]; LANES], top: &mut [i32], mid: &mut [i32]) {
+        let word = |w: usize| _mm512_loadu_si512(std::array::from_fn::<u64, LANES, _>(|l| states[l][w]).as_ptr().cast());
+        let (mut s0, mut s1, mut s2, mut s3) = (word(0), word(1), word(2), word(3));
+        let (one, low24) = (_mm512_set1_epi64(1), _mm512_set1_epi64(0xFF_FFFF));
+        for step in 0..top.len() / LANES {
+            let x = _mm512_add_epi64(_mm512_rol_epi64::<23>(_mm512_add_epi64(s0, s3)), s0);
+            let t = _mm512_slli_epi64::<17>(s1);
+            s2 = _mm512_xor_si512(s2, s0);
+            s3 = _mm512_xor_si512(s3, s1);
+            s1 = _mm512_xor_si512(s1, s2);
+            s0 = _mm512_xor_si512(s0, s3);
+            s2 = _mm512_xor_si512(s2, t);
+            s3 = _mm512_rol_epi64::<45>(s3);
+            let hi = _mm512_add_epi64(_mm512_srli_epi64::<40>(x), one);
+            let md = _mm512_and_si512(_mm512_srli_epi64::<16>(x), low24);
+            _mm256_storeu_si256(top.as_mut_ptr().add(step * LANES).cast(), _mm512_cvtepi64_epi32(hi));
+            _mm256_storeu_si256(mid.as_mut_ptr().add(step * LANES).cast(), _mm512_cvtepi64_epi32(md));
+        }
+    }
 }
 
 dispatch! {
     /// Box–Muller on the draws' integer parts: `top` = (x >> 40) + 1, `mid` = (x >> 16) & 0xFFFFFF.
     /// One long loop over plain arrays, so it runs in vector registers.
-    fn box_muller(top: &[i32], mid: &[i32], cos: &mut [f32], sin: &mut [f32]) {
+    /// Writes the pair of draw i to `pairs[2 i]` and `pairs[2 i + 1]`.
+    fn box_muller(top: &[i32], mid: &[i32], pairs: &mut [f32]) {
         const INV_2_24: f32 = 1.0 / 16_777_216.0;
-        for i in 0..top.len() {
-            let r = (-2.0 * ln(top[i] as f32 * INV_2_24)).sqrt();
-            let (c, s) = cos_sin_turn(mid[i] as f32 * INV_2_24);
-            cos[i] = r * c;
-            sin[i] = r * s;
+        for ((&t, &m), pair) in top.iter().zip(mid).zip(pairs.chunks_exact_mut(2)) {
+            let r = (-2.0 * ln(t as f32 * INV_2_24)).sqrt();
+            let (c, s) = cos_sin_turn(m as f32 * INV_2_24);
+            pair[0] = r * c;
+            pair[1] = r * s;
         }
     }
 }
 
 /// Fill one block (`out.len() <= BLOCK`).
 pub fn fill_block(out: &mut [f32], seed: u64, stream: u64, block: u64) {
-    let mut lanes: [Xoshiro256PlusPlus; LANES] =
-        std::array::from_fn(|l| lane_generator(seed, stream, block * LANES as u64 + l as u64));
     let draws = out.len().div_ceil(2 * LANES) * LANES;
-    // Stack buffers: noise for short rows (the optical layer) is drawn a block per row, so
-    // four heap allocations per block would cost more than the samples.
-    let (mut top, mut mid) = ([0i32; BLOCK / 2], [0i32; BLOCK / 2]);
-    let (top, mid) = (&mut top[..draws], &mut mid[..draws]);
-    // Lane by lane, so one generator's state stays in registers.
-    for (l, lane) in lanes.iter_mut().enumerate() {
-        for step in 0..draws / LANES {
-            let x = lane.next_u64();
-            top[step * LANES + l] = ((x >> 40) + 1) as i32;
-            mid[step * LANES + l] = ((x >> 16) & 0xFF_FFFF) as i32;
-        }
-    }
-    let (mut cos, mut sin) = ([0.0f32; BLOCK / 2], [0.0f32; BLOCK / 2]);
-    let (cos, sin) = (&mut cos[..draws], &mut sin[..draws]);
-    box_muller(top, mid, cos, sin);
-    for (i, pair) in out.chunks_mut(2).enumerate() {
-        pair[0] = cos[i];
-        if pair.len() > 1 {
-            pair[1] = sin[i];
-        }
+    // Buffers sized to this block: noise for short rows (the optical layer) is drawn a block
+    // per row, and clearing full-block buffers would cost a fair part of the samples' time.
+    let mut ints = vec![0i32; 2 * draws];
+    let (top, mid) = ints.split_at_mut(draws);
+    draw_block(seed, stream, block, top, mid);
+    if out.len() == 2 * draws {
+        box_muller(top, mid, out);
+    } else {
+        let mut pairs = vec![0.0f32; 2 * draws];
+        box_muller(top, mid, &mut pairs);
+        out.copy_from_slice(&pairs[..out.len()]);
     }
 }
 
@@ -112,6 +161,21 @@ mod tests {
         assert_eq!(rng.next_u64(), 41943041);
         assert_eq!(rng.next_u64(), 58720359);
         assert_eq!(rng.next_u64(), 3588806011781223);
+    }
+
+    #[test]
+    fn vector_lanes_draw_what_rand_xoshiro_draws() {
+        let draws = 3 * LANES;
+        let (mut top, mut mid) = (vec![0; draws], vec![0; draws]);
+        draw_block(5, 7, 2, &mut top, &mut mid);
+        for l in 0..LANES {
+            let mut lane = lane_generator(5, 7, 2 * LANES as u64 + l as u64);
+            for step in 0..3 {
+                let x = lane.next_u64();
+                assert_eq!(top[step * LANES + l], ((x >> 40) + 1) as i32);
+                assert_eq!(mid[step * LANES + l], ((x >> 16) & 0xFF_FFFF) as i32);
+            }
+        }
     }
 
     #[test]
