@@ -53,3 +53,29 @@ def test_set_backend_validates():
     with pytest.raises(ValueError, match="backend"):
         ellm.set_backend("cuda")
     assert ellm.rust_available()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork") or not ellm.rust_available(), reason="needs fork and the Rust core")
+def test_a_forked_child_computes_after_the_parent_did():
+    # The threads of the parent do not exist in a child made by fork(); the child must start
+    # its own instead of waiting forever for them (multiprocessing, DataLoader workers).
+    code = (
+        "import os, numpy as np\n"
+        "from ellm import ops\n"
+        "w = np.ones((1536, 64), np.float32)\n"
+        "def work():\n"
+        "    a = ops.linear(np.ones((1, 64), np.float32), w)\n"
+        "    b = ops.linear(np.ones((300, 64), np.float32), w)\n"
+        "    c = ops.optical_linear(np.full((32, 64), 0.5, np.float32), w * 0.01, precision=8, noise_level=0.1,\n"
+        "                           temp_drift=0.0, attenuation=1.0, training=True, seed=1)\n"
+        "    return float(a.sum() + b.sum() + c.sum() + ops.normal((100000,), seed=3).sum())\n"
+        "parent = work()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if work() == parent else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"

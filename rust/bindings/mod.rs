@@ -26,6 +26,12 @@ pub(crate) fn to_py_err(e: EllmError) -> PyErr {
     }
 }
 
+/// Kernel work: run with the GIL released, with errors and panics turned into Python
+/// exceptions. (The kernels run their parallel parts on `kernels::pool`, which survives fork.)
+pub(crate) fn compute<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, EllmError> + Send) -> PyResult<T> {
+    py.detach(|| guarded(f))
+}
+
 /// Run `f`, turning a panic into a Python RuntimeError instead of unwinding into Python.
 pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, EllmError>) -> PyResult<T> {
     match catch_unwind(AssertUnwindSafe(f)) {

@@ -7,16 +7,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::{guarded, shape_of, slice, to_array};
+use super::{compute, guarded, shape_of, slice, to_array};
 use crate::error::{EllmError, Result};
+use crate::kernels::pool;
 use crate::kernels::rope::RopeScaling;
 use crate::model::{Hooks, Llama, LlamaConfig, LogitsWanted};
-
-/// The engine's worker threads (RAYON_NUM_THREADS of them, like the global pool).
-fn engine_pool() -> &'static rayon::ThreadPool {
-    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| rayon::ThreadPoolBuilder::new().thread_name(|i| format!("ellm-engine-{i}")).build().expect("thread pool"))
-}
 
 #[pyclass(module = "ellm._lowlevel")]
 struct LlamaEngine {
@@ -103,7 +98,7 @@ impl LlamaEngine {
         let shape = shape_of(&array);
         let data = slice(&array, name)?;
         let model = &mut self.model;
-        py.detach(|| guarded(|| model.set_weight(name, &shape, data.to_vec())))
+        compute(py, || model.set_weight(name, &shape, data.to_vec()))
     }
 
     fn reset_cache(&mut self) {
@@ -141,14 +136,12 @@ impl LlamaEngine {
         };
         let wanted = if all_logits { LogitsWanted::All } else { LogitsWanted::Last };
         let model = &mut self.model;
-        let result = py.detach(|| {
-            guarded(|| {
-                // The step runs on a pool thread, so its many short parallel regions are joined
-                // inside the pool instead of each one waking the pool from outside.
-                engine_pool().install(|| {
-                    let sink = hooks.as_mut().map(|h| h as &mut dyn Hooks);
-                    model.forward(&ids, batch, seq, start_pos, wanted, sink)
-                })
+        // The step runs on a pool thread, so its many short parallel regions are joined inside
+        // the pool instead of each one waking the pool from outside.
+        let result = compute(py, || {
+            pool::install(|| {
+                let sink = hooks.as_mut().map(|h| h as &mut dyn Hooks);
+                model.forward(&ids, batch, seq, start_pos, wanted, sink)
             })
         });
         if let Some(err) = hooks.and_then(|h| h.error) {

@@ -5,7 +5,7 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::{guarded, shape_of, slice, to_array};
+use super::{compute, shape_of, slice, to_array};
 use crate::error::EllmError;
 use crate::kernels::matmul as gemm_kernels;
 use crate::kernels::{activation, attention, norm, optical, quantize, rng, rope, softmax};
@@ -30,12 +30,10 @@ fn matmul<'py>(py: Python<'py>, a: PyReadonlyArrayDyn<'py, f32>, b: PyReadonlyAr
     }
     let (m, k, n) = (sa[0], sa[1], sb[1]);
     let (a, b) = (slice(&a, "a")?, slice(&b, "b")?);
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; m * n];
-            gemm_kernels::matmul(a, b, &mut out, m, k, n);
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; m * n];
+        gemm_kernels::matmul(a, b, &mut out, m, k, n);
+        Ok(out)
     })?;
     to_array(py, out, &[m, n])
 }
@@ -63,12 +61,10 @@ fn linear<'py>(
         None => None,
     };
     let (x, w) = (slice(&x, "x")?, slice(&weight, "weight")?);
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; m * n];
-            gemm_kernels::linear(x, w, bias_slice, &mut out, m, k, n);
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; m * n];
+        gemm_kernels::linear(x, w, bias_slice, &mut out, m, k, n);
+        Ok(out)
     })?;
     to_array(py, out, &[m, n])
 }
@@ -80,12 +76,10 @@ fn rms_norm<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, weight: PyRea
         return Err(PyValueError::new_err(format!("rms_norm: x {sx:?} and weight {sw:?} do not fit")));
     }
     let (xs, ws) = (slice(&x, "x")?, slice(&weight, "weight")?);
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; xs.len()];
-            norm::rms_norm(xs, ws, eps, &mut out);
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; xs.len()];
+        norm::rms_norm(xs, ws, eps, &mut out);
+        Ok(out)
     })?;
     to_array(py, out, &sx)
 }
@@ -111,13 +105,11 @@ fn rope_py<'py>(
     let positions: Vec<usize> = positions.into_iter().map(|p| p as usize).collect();
     let scaling = rope::RopeScaling::from_parts(scaling_kind, scaling_params).map_err(super::to_py_err)?;
     let xs = slice(&x, "x")?;
-    let out = py.detach(|| {
-        guarded(|| {
-            let freqs = rope::inv_freq(sx[2], theta, &scaling)?;
-            let mut out = xs.to_vec();
-            rope::rope(&mut out, &positions, sx[1], sx[2], &freqs);
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let freqs = rope::inv_freq(sx[2], theta, &scaling)?;
+        let mut out = xs.to_vec();
+        rope::rope(&mut out, &positions, sx[1], sx[2], &freqs);
+        Ok(out)
     })?;
     to_array(py, out, &sx)
 }
@@ -126,12 +118,10 @@ fn rope_py<'py>(
 fn silu<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>) -> Out<'py> {
     let sx = shape_of(&x);
     let xs = slice(&x, "x")?;
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; xs.len()];
-            activation::silu(xs, &mut out);
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; xs.len()];
+        activation::silu(xs, &mut out);
+        Ok(out)
     })?;
     to_array(py, out, &sx)
 }
@@ -143,12 +133,10 @@ fn swiglu<'py>(py: Python<'py>, gate: PyReadonlyArrayDyn<'py, f32>, up: PyReadon
         return Err(PyValueError::new_err(format!("swiglu: gate {sg:?} and up {su:?} differ")));
     }
     let (g, u) = (slice(&gate, "gate")?, slice(&up, "up")?);
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; g.len()];
-            activation::swiglu(g, u, &mut out);
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; g.len()];
+        activation::swiglu(g, u, &mut out);
+        Ok(out)
     })?;
     to_array(py, out, &sg)
 }
@@ -163,12 +151,10 @@ fn softmax_py<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>) -> Out<'py>
     if row == 0 {
         return to_array(py, Vec::new(), &sx);
     }
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; xs.len()];
-            softmax::softmax(xs, row, &mut out);
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; xs.len()];
+        softmax::softmax(xs, row, &mut out);
+        Ok(out)
     })?;
     to_array(py, out, &sx)
 }
@@ -202,12 +188,10 @@ fn attention_py<'py>(
     };
     let (qs, ks, vs) = (slice(&q, "q")?, slice(&k, "k")?, slice(&v, "v")?);
     let view = |data| attention::KvView { data, row_stride: sk[1] * sk[2], head_stride: sk[2] };
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; qs.len()];
-            attention::attention(qs, view(ks), view(vs), &shape, &mut out)?;
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; qs.len()];
+        attention::attention(qs, view(ks), view(vs), &shape, &mut out)?;
+        Ok(out)
     })?;
     to_array(py, out, &sq)
 }
@@ -217,24 +201,20 @@ fn attention_py<'py>(
 fn quantize_py<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, bits: u32, min_val: f32, max_val: f32) -> Out<'py> {
     let sx = shape_of(&x);
     let xs = slice(&x, "x")?;
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; xs.len()];
-            quantize::quantize(xs, bits, min_val, max_val, &mut out)?;
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; xs.len()];
+        quantize::quantize(xs, bits, min_val, max_val, &mut out)?;
+        Ok(out)
     })?;
     to_array(py, out, &sx)
 }
 
 #[pyfunction]
 fn normal<'py>(py: Python<'py>, count: usize, seed: u64, stream: u64) -> Out<'py> {
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; count];
-            rng::fill_normal(&mut out, seed, stream);
-            Ok(out)
-        })
+    let out = compute(py, || {
+        let mut out = vec![0.0; count];
+        rng::fill_normal(&mut out, seed, stream);
+        Ok(out)
     })?;
     to_array(py, out, &[count])
 }
@@ -273,13 +253,11 @@ fn optical_linear<'py>(
     };
     let params = optical::OpticalParams { precision, noise_level, temp_drift, attenuation, thermal_std, noisy, seed };
     let (xs, ws) = (slice(&x, "x")?, slice(&weight, "weight")?);
-    let (out, mask) = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![0.0; batch * n_out];
-            let mut mask = if want_mask { Some(vec![0u8; batch * n_out]) } else { None };
-            optical::optical_linear(xs, ws, bias_slice, &params, &mut out, mask.as_deref_mut(), n_in, n_out)?;
-            Ok::<_, EllmError>((out, mask))
-        })
+    let (out, mask) = compute(py, || {
+        let mut out = vec![0.0; batch * n_out];
+        let mut mask = if want_mask { Some(vec![0u8; batch * n_out]) } else { None };
+        optical::optical_linear(xs, ws, bias_slice, &params, &mut out, mask.as_deref_mut(), n_in, n_out)?;
+        Ok::<_, EllmError>((out, mask))
     })?;
     let y = to_array(py, out, &[batch, n_out])?;
     let mask = match mask {
@@ -315,7 +293,7 @@ fn optical_linear_backward<'py>(
     let (n_in, n_out) = (sw[1], sw[0]);
     let (gs, xs, ws) = (slice(&grad_y, "grad_y")?, slice(&x, "x")?, slice(&weight, "weight")?);
     let ms = pre_adc_mask.as_slice().map_err(|_| PyValueError::new_err("pre_adc_mask must be C-contiguous"))?;
-    let (gx, gw) = py.detach(|| guarded(|| optical::optical_linear_backward(gs, xs, ws, ms, precision, attenuation, n_in, n_out)))?;
+    let (gx, gw) = compute(py, || optical::optical_linear_backward(gs, xs, ws, ms, precision, attenuation, n_in, n_out))?;
     Ok((to_array(py, gx, &sx)?, to_array(py, gw, &sw)?))
 }
 

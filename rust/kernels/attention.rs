@@ -3,6 +3,7 @@
 //! Keys and values are read through `KvView`, so the same code serves `ops.attention`
 //! (`[seq, kv_heads, d]`) and the model's cache (`[kv_heads, max_seq, d]` per sequence).
 
+use super::pool;
 use rayon::prelude::*;
 
 use super::matmul::{gemm_into, DisjointWrites, View};
@@ -87,7 +88,7 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
     let group = shape.n_heads / shape.n_kv_heads;
     assert_eq!(q.len(), shape.q_len * shape.n_heads * d);
     assert_eq!(out.len(), q.len());
-    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+    pool::install(|| out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
         let (i, h) = (idx / shape.n_heads, idx % shape.n_heads);
         let g = h / group;
         let qv = &q[idx * d..(idx + 1) * d];
@@ -99,7 +100,7 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
         for (t, &p) in scores.iter().enumerate() {
             axpy(p, v.vector(t, g, d), o);
         }
-    });
+    }));
     Ok(())
 }
 
@@ -110,7 +111,7 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
     let group = nh / shape.n_kv_heads;
     let row = nh * d;
     let out_ptr = DisjointWrites(out.as_mut_ptr());
-    (0..nh).into_par_iter().for_each(|h| {
+    pool::install(|| (0..nh).into_par_iter().for_each(|h| {
         let g = h / group;
         let mut scores = vec![0.0f32; sq * sk];
         // SAFETY: every view below stays inside its buffer (q: [sq, nh, d]; k, v: kv_len rows
@@ -135,7 +136,7 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
                       View { ptr: v.data.as_ptr().add(g * v.head_stride), row_stride: v.row_stride, col_stride: 1 },
                       gemm::Parallelism::None);
         }
-    });
+    }));
 }
 
 #[cfg(test)]

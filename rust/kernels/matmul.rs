@@ -2,6 +2,7 @@
 //! the weights are read once per token and memory bandwidth is the limit) is ours: every
 //! weight row is streamed once, in parallel, against all the (few) input rows.
 
+use super::pool;
 use rayon::prelude::*;
 
 use super::simd::{self, dot_tile, RowsAlignedLike};
@@ -46,6 +47,9 @@ pub(crate) struct View {
     pub row_stride: usize,
     pub col_stride: usize,
 }
+// SAFETY: a view only reads, and its users keep the memory alive while they hold it.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
 
 /// `dst[m, n] = lhs[m, k] @ rhs[k, n]` on strided views, the one place that calls `gemm`.
 ///
@@ -104,8 +108,10 @@ fn product(a: &[f32], lhs: View, b: &[f32], out: &mut [f32], m: usize, k: usize,
         return;
     }
     // SAFETY: `lhs` views `a` (checked above) and b is row-major [k, n].
-    unsafe {
-        gemm_into(m, n, k, out.as_mut_ptr(), n, 1, lhs, View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par);
+    let mut run = || unsafe { gemm_into(m, n, k, out.as_mut_ptr(), n, 1, lhs, View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par) };
+    match par {
+        gemm::Parallelism::None => run(),
+        _ => pool::install(run),
     }
 }
 
@@ -120,14 +126,14 @@ fn linear_split_columns(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k:
     let threads = rayon::current_num_threads().max(1);
     let per_task = n.div_ceil(threads).div_ceil(SPLIT_COLUMNS_MIN_ROWS).max(1) * SPLIT_COLUMNS_MIN_ROWS;
     let dst = DisjointWrites(out.as_mut_ptr());
-    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
+    pool::install(|| (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let first = task * per_task;
         let cols = per_task.min(n - first);
         // SAFETY: the column range lies inside `out` and belongs to this task alone.
         unsafe {
             linear_gemm(x.as_ptr(), weight.as_ptr().add(first * k), dst.at(first), m, k, cols, n, gemm::Parallelism::None);
         }
-    });
+    }));
 }
 
 /// `out[m, n] = x[m, k] @ weight[n, k]^T` on the calling thread (callers that already run one
@@ -174,7 +180,7 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
         linear_split_columns(x, weight, out, m, k, n);
     } else {
         // SAFETY: the pointers describe the buffers checked above.
-        unsafe { linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::Rayon(0)) };
+        pool::install(|| unsafe { linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::Rayon(0)) });
     }
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n);
@@ -279,7 +285,7 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
             tasks.push((&w[first * k..(first + chunk.len()) * k], chunk, head));
         }
     }
-    tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head));
+    pool::install(|| tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head)));
 }
 
 /// Columns `first..last` of `out[m, n] = x[m, k] @ weight[n, k]^T`: four weight rows at a time
@@ -320,9 +326,9 @@ fn linear_few_rows(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usiz
         return;
     }
     let per_task = gemv_rows_per_task(k);
-    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| unsafe {
+    pool::install(|| (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| unsafe {
         columns(x, weight, &dst, m, k, n, task * per_task, ((task + 1) * per_task).min(n))
-    });
+    }));
 }
 
 #[cfg(test)]

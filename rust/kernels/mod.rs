@@ -6,6 +6,7 @@ pub mod math;
 pub mod matmul;
 pub mod norm;
 pub mod optical;
+pub mod pool;
 pub mod quantize;
 pub mod rng;
 pub mod rope;

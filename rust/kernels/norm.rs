@@ -1,5 +1,6 @@
 //! RMSNorm (Zhang & Sennrich, 2019), as Llama uses it: `x / sqrt(mean(x^2) + eps) * weight`.
 
+use super::pool;
 use rayon::prelude::*;
 
 /// Rows per parallel task: small inputs stay on one thread.
@@ -11,13 +12,13 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     if dim == 0 || x.is_empty() {
         return;
     }
-    out.par_chunks_mut(dim * ROWS_PER_TASK)
+    pool::install(|| out.par_chunks_mut(dim * ROWS_PER_TASK)
         .zip(x.par_chunks(dim * ROWS_PER_TASK))
         .for_each(|(out_rows, x_rows)| {
             for (o, row) in out_rows.chunks_exact_mut(dim).zip(x_rows.chunks_exact(dim)) {
                 rms_norm_row(row, weight, eps, o);
             }
-        });
+        }));
 }
 
 #[inline]

@@ -13,6 +13,7 @@
 //! Blocks are independent, so they are filled in parallel; the numbers depend only on
 //! (seed, stream, index).
 
+use super::pool;
 use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rayon::prelude::*;
@@ -144,7 +145,7 @@ pub fn fill_normal_serial(out: &mut [f32], seed: u64, stream: u64) {
 
 /// The first `out.len()` samples of stream (seed, stream).
 pub fn fill_normal(out: &mut [f32], seed: u64, stream: u64) {
-    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, block)| fill_block(block, seed, stream, b as u64));
+    pool::install(|| out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, block)| fill_block(block, seed, stream, b as u64)));
 }
 
 #[cfg(test)]

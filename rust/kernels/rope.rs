@@ -1,6 +1,7 @@
 //! Rotary position embedding (Su et al., 2021) in Hugging Face's "rotate half" layout: the
 //! pair rotated together is (x[i], x[i + d/2]).
 
+use super::pool;
 use rayon::prelude::*;
 
 use crate::error::{EllmError, Result};
@@ -74,13 +75,13 @@ pub fn cos_sin_table(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>, Vec<f3
     let half = inv_freq.len().max(1);
     let mut cos = vec![0.0f32; positions.len() * inv_freq.len()];
     let mut sin = vec![0.0f32; positions.len() * inv_freq.len()];
-    cos.par_chunks_mut(half).zip(sin.par_chunks_mut(half)).zip(positions.par_iter()).for_each(|((c, s), &pos)| {
+    pool::install(|| cos.par_chunks_mut(half).zip(sin.par_chunks_mut(half)).zip(positions.par_iter()).for_each(|((c, s), &pos)| {
         for ((c, s), &f) in c.iter_mut().zip(s.iter_mut()).zip(inv_freq) {
             let (sn, cs) = ((pos as f32 * f) as f64).sin_cos();
             *c = cs as f32;
             *s = sn as f32;
         }
-    });
+    }));
     (cos, sin)
 }
 
@@ -105,12 +106,12 @@ pub fn rope(x: &mut [f32], positions: &[usize], n_heads: usize, head_dim: usize,
     }
     let (cos, sin) = cos_sin_table(positions, inv_freq);
     let half = head_dim / 2;
-    x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(s, token)| {
+    pool::install(|| x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(s, token)| {
         let (c, sn) = (&cos[s * half..(s + 1) * half], &sin[s * half..(s + 1) * half]);
         for head in token.chunks_exact_mut(head_dim) {
             rotate_half(head, c, sn);
         }
-    });
+    }));
 }
 
 #[cfg(test)]

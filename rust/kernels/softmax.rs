@@ -1,5 +1,6 @@
 //! Numerically stable softmax over the last axis (subtract the row maximum first).
 
+use super::pool;
 use rayon::prelude::*;
 
 use super::math::{dispatch, exp};
@@ -37,11 +38,11 @@ dispatch! {
 pub fn softmax(x: &[f32], row_len: usize, out: &mut [f32]) {
     assert!(row_len > 0 && x.len() % row_len == 0 && out.len() == x.len());
     out.copy_from_slice(x);
-    out.par_chunks_mut(row_len * ROWS_PER_TASK).for_each(|rows| {
+    pool::install(|| out.par_chunks_mut(row_len * ROWS_PER_TASK).for_each(|rows| {
         for row in rows.chunks_exact_mut(row_len) {
             softmax_in_place(row);
         }
-    });
+    }));
 }
 
 #[cfg(test)]

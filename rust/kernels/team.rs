@@ -14,7 +14,9 @@ use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
+
+use super::pool::{self, PerProcess};
 use std::time::{Duration, Instant};
 
 /// How long an idle helper keeps polling for the next job before it sleeps.
@@ -45,10 +47,11 @@ struct Team {
 // lets the closure go out of scope.
 unsafe impl Sync for Team {}
 
+/// This process's team (see `pool`: a forked child starts its own), as many threads as the pool.
 fn team() -> &'static Team {
-    static TEAM: OnceLock<&'static Team> = OnceLock::new();
-    TEAM.get_or_init(|| {
-        let size = rayon::current_num_threads().max(1);
+    static TEAM: PerProcess<&'static Team> = PerProcess::new();
+    TEAM.get(|| {
+        let size = pool::pool().current_num_threads().max(1);
         let team: &'static Team = Box::leak(Box::new(Team {
             size,
             submit: Mutex::new(()),
@@ -144,13 +147,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Runs `job(part, parts)` for every part in `0..parts` at once, part 0 on the calling thread,
-/// and returns when all are done; `parts` is the number of threads rayon would use. Returns
-/// false without running anything when the team can't take the job (the caller is a rayon
-/// worker, or another thread's job is running), so the caller falls back to rayon.
+/// and returns when all are done; `parts` is the number of threads of the pool. Returns false
+/// without running anything when another job holds the team (another thread's, or this one's:
+/// a part that asks again), so the caller falls back to the pool.
 pub fn try_run(job: &(dyn Fn(usize, usize) + Sync)) -> bool {
-    if rayon::current_thread_index().is_some() {
-        return false;
-    }
     let team = team();
     // A job that panicked poisoned the lock on its way out; the team itself is fine.
     let _lock = match team.submit.try_lock() {
@@ -166,11 +166,12 @@ pub fn try_run(job: &(dyn Fn(usize, usize) + Sync)) -> bool {
     true
 }
 
-/// `try_run`, or the same parts as rayon tasks when the team can't take the job.
+/// `try_run`, or the same parts as tasks on the pool when the team can't take the job.
 pub fn run(job: &(dyn Fn(usize, usize) + Sync)) {
     if !try_run(job) {
-        let parts = rayon::current_num_threads().max(1);
-        rayon::scope(|s| {
+        let pool = pool::pool();
+        let parts = pool.current_num_threads().max(1);
+        pool.scope(|s| {
             for part in 0..parts {
                 s.spawn(move |_| job(part, parts));
             }
@@ -213,7 +214,7 @@ mod tests {
                 hits[part].fetch_add(1, SeqCst);
             });
         }
-        let parts = rayon::current_num_threads();
+        let parts = pool::pool().current_num_threads();
         assert!(hits[..parts].iter().all(|h| h.load(SeqCst) == 1000));
         assert!(hits[parts..].iter().all(|h| h.load(SeqCst) == 0));
     }
@@ -227,6 +228,6 @@ mod tests {
         run_when_free(&|_, _| {
             ran.fetch_add(1, SeqCst);
         });
-        assert_eq!(ran.load(SeqCst), rayon::current_num_threads());
+        assert_eq!(ran.load(SeqCst), pool::pool().current_num_threads());
     }
 }
