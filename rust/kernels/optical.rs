@@ -194,8 +194,7 @@ pub fn optical_linear_backward(
     assert_eq!(x.len(), batch * n_in);
     assert_eq!(weight.len(), n_out * n_in);
     let levels = ((1u32 << precision) - 1) as f32;
-    // Small layers stay on the calling thread (see SERIAL_WORK).
-    let par = if batch * n_in * n_out <= SERIAL_WORK { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(0) };
+    let par = gemm::Parallelism::Rayon(0);
     let grad_s: Vec<f32> = grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
     let mut x_q = vec![0.0f32; x.len()];
     quantize_slice(x, levels, 0.0, 1.0, &mut x_q);
