@@ -148,9 +148,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Runs `job(part, parts)` for every part in `0..parts` at once, part 0 on the calling thread,
 /// and returns when all are done; `parts` is the number of threads of the pool. Returns false
-/// without running anything when another job holds the team (another thread's, or this one's:
-/// a part that asks again), so the caller falls back to the pool.
+/// without running anything when the caller is a pool thread (the engine's step: its other
+/// thread is busy or about to be, and a spinning helper would take a core from it; measured,
+/// decode lost 15%), or when another job holds the team (another thread's, or this one's: a
+/// part that asks again); the caller then uses the pool.
 pub fn try_run(job: &(dyn Fn(usize, usize) + Sync)) -> bool {
+    if rayon::current_thread_index().is_some() {
+        return false;
+    }
     let team = team();
     // A job that panicked poisoned the lock on its way out; the team itself is fine.
     let _lock = match team.submit.try_lock() {
