@@ -319,10 +319,19 @@ unsafe fn columns_aligned(x: &RowsAlignedLike, weight: &[f32], out: &DisjointWri
     }
 }
 
+/// Multiply-adds below which `linear_few_rows` stays on the calling thread: less than the
+/// cost of handing half of it to another thread.
+const PARALLEL_GEMV_WORK: usize = 1 << 15;
+
 /// `linear` for a few input rows: the weights are streamed once, each thread taking a fixed
 /// share of the output columns (see `team`), or tasks of `GEMV_BYTES_PER_TASK` inside rayon.
 fn linear_few_rows(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     let dst = DisjointWrites(out.as_mut_ptr());
+    if m * n * k < PARALLEL_GEMV_WORK {
+        // SAFETY: all of `out` belongs to this call.
+        unsafe { columns(x, weight, &dst, m, k, n, 0, n) };
+        return;
+    }
     // SAFETY (both closures): every call gets its own column range of `out`.
     let by_part = |part: usize, parts: usize| {
         let range = team::share(n, 4, part, parts);
