@@ -385,6 +385,28 @@ mod tests {
     }
 
     #[test]
+    fn few_row_products_match_naive_at_every_alignment_and_split() {
+        // Large enough for the team (or the pool), with row counts that leave remainders after
+        // the 8-row tiles, weights starting off a cache line (the head), and k not a multiple
+        // of 16; one thread's answer must equal the split one's bit for bit.
+        for &(m, k, n) in &[(1, 576, 1536), (13, 200, 301), (64, 784, 96)] {
+            let x = values(m * k, 4.0);
+            let storage = values(n * k + 3, 5.0);
+            for offset in [0, 1, 3] {
+                let w = &storage[offset..offset + n * k];
+                let mut split = vec![0.0; m * n];
+                linear(&x, w, None, &mut split, m, k, n);
+                let mut single = vec![0.0; m * n];
+                linear_single_thread(&x, w, &mut single, m, k, n);
+                assert_eq!(split, single, "{m}x{k}x{n} at offset {offset}");
+                for (a, b) in split.iter().zip(naive_linear(&x, w, m, k, n)) {
+                    assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matmul_matches_linear_with_transposed_weight() {
         let (m, k, n) = (12, 20, 7);
         let a = values(m * k, 0.5);

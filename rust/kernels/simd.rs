@@ -382,6 +382,19 @@ mod tests {
     }
 
     #[test]
+    fn aligned_rows_keep_the_values_and_share_the_cache_line_place() {
+        let x: Vec<f32> = (0..3 * 21).map(|i| i as f32).collect();
+        let like = vec![0.0f32; 40];
+        for offset in 0..4 {
+            let rows = RowsAlignedLike::map(&x, 21, like[offset..].as_ptr(), |s, d| d.copy_from_slice(s));
+            for r in 0..3 {
+                assert_eq!(rows.row(r), &x[r * 21..(r + 1) * 21]);
+                assert_eq!(rows.row(r).as_ptr() as usize % 64, like[offset..].as_ptr() as usize % 64);
+            }
+        }
+    }
+
+    #[test]
     fn axpy_adds_scaled_vector() {
         let x: Vec<f32> = (0..19).map(|i| i as f32).collect();
         let mut y = vec![1.0f32; 19];
