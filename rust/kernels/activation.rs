@@ -1,9 +1,9 @@
 //! SiLU and the SwiGLU gate of the Llama MLP (Shazeer, 2020).
 
-use super::pool;
 use rayon::prelude::*;
 
 use super::math::{dispatch, exp};
+use super::pool;
 
 const MIN_PER_TASK: usize = 1 << 14;
 

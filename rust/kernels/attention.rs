@@ -3,10 +3,10 @@
 //! Keys and values are read through `KvView`, so the same code serves `ops.attention`
 //! (`[seq, kv_heads, d]`) and the model's cache (`[kv_heads, max_seq, d]` per sequence).
 
-use super::pool;
 use rayon::prelude::*;
 
 use super::matmul::{gemm_into, DisjointWrites, View};
+use super::pool;
 use super::simd::{axpy, dot};
 use super::softmax::softmax_in_place;
 use crate::error::{EllmError, Result};

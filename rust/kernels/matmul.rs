@@ -2,9 +2,11 @@
 //! the weights are read once per token and memory bandwidth is the limit) is ours: every
 //! weight row is streamed once, in parallel, against all the (few) input rows.
 
-use super::pool;
+use std::ops::Range;
+
 use rayon::prelude::*;
 
+use super::pool;
 use super::simd::{self, dot_tile, RowsAlignedLike};
 use super::team;
 
@@ -151,8 +153,9 @@ pub fn linear_single_thread(x: &[f32], weight: &[f32], out: &mut [f32], m: usize
         return;
     }
     if m <= GEMV_MAX_ROWS {
+        let x = RowsAlignedLike::new(x, k, weight.as_ptr());
         // SAFETY: all of `out` belongs to this call.
-        unsafe { columns(x, weight, &DisjointWrites(out.as_mut_ptr()), m, k, n, 0, n) };
+        unsafe { FewRowProduct::new(&x, weight, out, m, k, n).columns(0..n) };
         return;
     }
     // SAFETY: as in `linear`.
@@ -167,7 +170,7 @@ pub fn linear_aligned_single_thread(x: &RowsAlignedLike, weight: &[f32], out: &m
     if m > 0 {
         assert_eq!(x.row(m - 1).len(), k);
         // SAFETY: all of `out` belongs to this call.
-        unsafe { columns_aligned(x, weight, &DisjointWrites(out.as_mut_ptr()), m, k, n, 0, n) };
+        unsafe { FewRowProduct::new(x, weight, out, m, k, n).columns(0..n) };
     }
 }
 
@@ -212,12 +215,12 @@ fn gemv_rows(x: &[f32], weight: &[f32], out: &mut [f32], k: usize, head: usize) 
             *o = v;
         }
     }
-    for j in full..out.len() {
-        out[j] = unsafe { dot_tile::<1, 1>([row(j)], x, k, head, 0) }[0][0];
+    for (j, o) in out.iter_mut().enumerate().skip(full) {
+        *o = unsafe { dot_tile::<1, 1>([row(j)], x, k, head, 0) }[0][0];
     }
 }
 
-/// Weight rows per tile in `linear_columns`; with `TILE_INPUTS` input rows this makes 16
+/// Weight rows per tile of `FewRowProduct`; with `TILE_INPUTS` input rows this makes 16
 /// accumulators, which with the 10 operands loaded per step fit the 32 vector registers of
 /// AVX-512 (24 accumulators would spill).
 const TILE_WEIGHTS: usize = 2;
@@ -226,48 +229,74 @@ const TILE_INPUTS: usize = 8;
 /// hardware prefetcher keeps up (measured: no gain at 32, 64 or 128 elements ahead).
 const TILE_PREFETCH: usize = 0;
 
-/// Columns `first..last` of `out[m, n] = x[m, k] @ weight[n, k]^T`, by tiles of dot products
-/// (input rows outermost, so a block of them stays in L1 while the weight rows stream past).
-///
-/// # Safety
-/// `out` points at an `[m, n]` buffer whose columns `first..last` belong to the caller alone.
-#[allow(clippy::too_many_arguments)]
-unsafe fn linear_columns(x: &RowsAlignedLike, weight: &[f32], out: &DisjointWrites, m: usize, k: usize, n: usize,
-                         first: usize, last: usize) {
-    let head = simd::head(weight.as_ptr());
-    let mut i = 0;
-    while i < m {
-        let rows = [TILE_INPUTS, 4, 2, 1].into_iter().find(|&r| r <= m - i).unwrap_or(1);
-        match rows {
-            TILE_INPUTS => column_tiles::<TILE_INPUTS>(x, weight, out, i, k, n, first, last, head),
-            4 => column_tiles::<4>(x, weight, out, i, k, n, first, last, head),
-            2 => column_tiles::<2>(x, weight, out, i, k, n, first, last, head),
-            _ => column_tiles::<1>(x, weight, out, i, k, n, first, last, head),
-        }
-        i += rows;
-    }
+/// `out[m, n] = x[m, k] @ weight[n, k]^T` for a few input rows, computed by ranges of output
+/// columns (weight rows) that threads may take in parallel: four weight rows at a time against
+/// a single input row, tiles of dot products for several.
+struct FewRowProduct<'a> {
+    x: &'a RowsAlignedLike,
+    weight: &'a [f32],
+    out: DisjointWrites,
+    m: usize,
+    k: usize,
+    n: usize,
+    /// Where the vector steps start, the same for every row of the matrix (see `dot_tile`).
+    head: usize,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
 }
 
-/// `linear_columns` for the RX input rows starting at `i`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn column_tiles<const RX: usize>(x: &RowsAlignedLike, weight: &[f32], out: &DisjointWrites, i: usize, k: usize, n: usize,
-                                        first: usize, last: usize, head: usize) {
-    let inputs: [*const f32; RX] = std::array::from_fn(|c| x.row(i + c).as_ptr());
-    let row = |j: usize| weight[j * k..].as_ptr();
-    let mut j = first;
-    while j + TILE_WEIGHTS <= last {
-        let tile = dot_tile::<TILE_WEIGHTS, RX>(std::array::from_fn(|r| row(j + r)), inputs, k, head, TILE_PREFETCH);
-        for (r, values) in tile.iter().enumerate() {
-            for (c, &v) in values.iter().enumerate() {
-                *out.at((i + c) * n + j + r) = v;
-            }
-        }
-        j += TILE_WEIGHTS;
+impl<'a> FewRowProduct<'a> {
+    fn new(x: &'a RowsAlignedLike, weight: &'a [f32], out: &'a mut [f32], m: usize, k: usize, n: usize) -> Self {
+        let head = simd::head(weight.as_ptr());
+        FewRowProduct { x, weight, out: DisjointWrites(out.as_mut_ptr()), m, k, n, head, _out: std::marker::PhantomData }
     }
-    for j in j..last {
-        let [values] = dot_tile::<1, RX>([row(j)], inputs, k, head, TILE_PREFETCH);
-        for (c, &v) in values.iter().enumerate() {
-            *out.at((i + c) * n + j) = v;
+
+    /// Columns `cols` of `out`, input rows outermost so that a block of them stays in L1 while
+    /// the weight rows stream past.
+    ///
+    /// # Safety
+    /// Nobody else writes these columns meanwhile.
+    unsafe fn columns(&self, cols: Range<usize>) {
+        if cols.is_empty() {
+            return;
+        }
+        if self.m == 1 {
+            let weight = &self.weight[cols.start * self.k..cols.end * self.k];
+            gemv_rows(self.x.row(0), weight, self.out.slice(cols.start, cols.len()), self.k, self.head);
+            return;
+        }
+        let mut i = 0;
+        while i < self.m {
+            let rows = [TILE_INPUTS, 4, 2, 1].into_iter().find(|&r| r <= self.m - i).unwrap_or(1);
+            match rows {
+                TILE_INPUTS => self.tiles::<TILE_INPUTS>(i, cols.clone()),
+                4 => self.tiles::<4>(i, cols.clone()),
+                2 => self.tiles::<2>(i, cols.clone()),
+                _ => self.tiles::<1>(i, cols.clone()),
+            }
+            i += rows;
+        }
+    }
+
+    /// `columns` for the RX input rows from `i`.
+    unsafe fn tiles<const RX: usize>(&self, i: usize, cols: Range<usize>) {
+        let (k, n) = (self.k, self.n);
+        let inputs: [*const f32; RX] = std::array::from_fn(|c| self.x.row(i + c).as_ptr());
+        let row = |j: usize| self.weight[j * k..].as_ptr();
+        let mut j = cols.start;
+        while j + TILE_WEIGHTS <= cols.end {
+            let tile = dot_tile::<TILE_WEIGHTS, RX>(std::array::from_fn(|r| row(j + r)), inputs, k, self.head, TILE_PREFETCH);
+            for (r, values) in tile.iter().enumerate() {
+                for (c, &v) in values.iter().enumerate() {
+                    *self.out.at((i + c) * n + j + r) = v;
+                }
+            }
+            j += TILE_WEIGHTS;
+        }
+        for j in j..cols.end {
+            let [values] = dot_tile::<1, RX>([row(j)], inputs, k, self.head, TILE_PREFETCH);
+            for (c, &v) in values.iter().enumerate() {
+                *self.out.at((i + c) * n + j) = v;
+            }
         }
     }
 }
@@ -294,31 +323,6 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
     pool::install(|| tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head)));
 }
 
-/// Columns `first..last` of `out[m, n] = x[m, k] @ weight[n, k]^T`: four weight rows at a time
-/// against a single input row, tiles of dot products for several.
-///
-/// # Safety
-/// As `linear_columns`.
-unsafe fn columns(x: &[f32], weight: &[f32], out: &DisjointWrites, m: usize, k: usize, n: usize, first: usize, last: usize) {
-    if first < last {
-        columns_aligned(&RowsAlignedLike::new(x, k, weight.as_ptr()), weight, out, m, k, n, first, last);
-    }
-}
-
-/// `columns` for inputs already laid out against `weight`.
-///
-/// # Safety
-/// As `linear_columns`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn columns_aligned(x: &RowsAlignedLike, weight: &[f32], out: &DisjointWrites, m: usize, k: usize, n: usize,
-                          first: usize, last: usize) {
-    if m == 1 {
-        gemv_rows(x.row(0), &weight[first * k..last * k], out.slice(first, last - first), k, simd::head(weight.as_ptr()));
-    } else {
-        linear_columns(x, weight, out, m, k, n, first, last);
-    }
-}
-
 /// Multiply-adds below which `linear_few_rows` stays on the calling thread: less than the
 /// cost of handing half of it to another thread.
 const PARALLEL_GEMV_WORK: usize = 1 << 15;
@@ -326,24 +330,22 @@ const PARALLEL_GEMV_WORK: usize = 1 << 15;
 /// `linear` for a few input rows: the weights are streamed once, each thread taking a fixed
 /// share of the output columns (see `team`), or tasks of `GEMV_BYTES_PER_TASK` inside rayon.
 fn linear_few_rows(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    let dst = DisjointWrites(out.as_mut_ptr());
+    let x = RowsAlignedLike::new(x, k, weight.as_ptr());
+    let product = FewRowProduct::new(&x, weight, out, m, k, n);
+    // SAFETY (every call below): each gets its own range of columns.
     if m * n * k < PARALLEL_GEMV_WORK {
-        // SAFETY: all of `out` belongs to this call.
-        unsafe { columns(x, weight, &dst, m, k, n, 0, n) };
+        unsafe { product.columns(0..n) };
         return;
     }
-    // SAFETY (both closures): every call gets its own column range of `out`.
-    let by_part = |part: usize, parts: usize| {
-        let range = team::share(n, 4, part, parts);
-        unsafe { columns(x, weight, &dst, m, k, n, range.start, range.end) };
-    };
-    if team::try_run(&by_part) {
+    if team::try_run(&|part, parts| unsafe { product.columns(team::share(n, 4, part, parts)) }) {
         return;
     }
     let per_task = gemv_rows_per_task(k);
-    pool::install(|| (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| unsafe {
-        columns(x, weight, &dst, m, k, n, task * per_task, ((task + 1) * per_task).min(n))
-    }));
+    pool::install(|| {
+        (0..n.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|task| unsafe { product.columns(task * per_task..((task + 1) * per_task).min(n)) })
+    });
 }
 
 #[cfg(test)]

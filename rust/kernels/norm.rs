@@ -1,7 +1,8 @@
 //! RMSNorm (Zhang & Sennrich, 2019), as Llama uses it: `x / sqrt(mean(x^2) + eps) * weight`.
 
-use super::pool;
 use rayon::prelude::*;
+
+use super::pool;
 
 /// Rows per parallel task: small inputs stay on one thread.
 const ROWS_PER_TASK: usize = 16;

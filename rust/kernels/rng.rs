@@ -13,12 +13,12 @@
 //! Blocks are independent, so they are filled in parallel; the numbers depend only on
 //! (seed, stream, index).
 
-use super::pool;
 use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rayon::prelude::*;
 
 use super::math::{cos_sin_turn, dispatch, ln};
+use super::pool;
 
 pub const LANES: usize = 8;
 pub const BLOCK: usize = 4096;

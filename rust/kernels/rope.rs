@@ -1,8 +1,9 @@
 //! Rotary position embedding (Su et al., 2021) in Hugging Face's "rotate half" layout: the
 //! pair rotated together is (x[i], x[i + d/2]).
 
-use super::pool;
 use rayon::prelude::*;
+
+use super::pool;
 
 use crate::error::{EllmError, Result};
 

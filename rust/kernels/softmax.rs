@@ -1,9 +1,9 @@
 //! Numerically stable softmax over the last axis (subtract the row maximum first).
 
-use super::pool;
 use rayon::prelude::*;
 
 use super::math::{dispatch, exp};
+use super::pool;
 use super::simd::sum;
 
 const ROWS_PER_TASK: usize = 16;
