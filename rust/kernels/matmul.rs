@@ -330,8 +330,19 @@ const PARALLEL_GEMV_WORK: usize = 1 << 15;
 /// `linear` for a few input rows: the weights are streamed once, each thread taking a fixed
 /// share of the output columns (see `team`), or tasks of `GEMV_BYTES_PER_TASK` inside rayon.
 fn linear_few_rows(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    let x = RowsAlignedLike::new(x, k, weight.as_ptr());
-    let product = FewRowProduct::new(&x, weight, out, m, k, n);
+    linear_aligned(&RowsAlignedLike::new(x, k, weight.as_ptr()), weight, out, m, k, n);
+}
+
+/// `linear_few_rows` for input rows already laid out against `weight` by `RowsAlignedLike`
+/// (for callers that transform the rows as they lay them out); any number of rows.
+pub fn linear_aligned(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(weight.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    if m == 0 {
+        return;
+    }
+    assert_eq!(x.row(m - 1).len(), k);
+    let product = FewRowProduct::new(x, weight, out, m, k, n);
     // SAFETY (every call below): each gets its own range of columns.
     if m * n * k < PARALLEL_GEMV_WORK {
         unsafe { product.columns(0..n) };

@@ -43,11 +43,6 @@ impl OpticalParams {
     }
 }
 
-/// From this many rows on, each thread takes a share of the rows from DAC to ADC; below it the
-/// threads share the outputs of the product instead (a lone row has nothing else to split).
-const ROW_SPLIT_MIN: usize = 16;
-/// Shares of rows are multiples of the product kernel's block of input rows.
-const ROW_BLOCK: usize = 8;
 /// Up to this many multiply-adds everything runs on the calling thread.
 const SERIAL_WORK: usize = 1 << 16;
 
@@ -110,26 +105,19 @@ pub fn optical_linear(
         finisher(DisjointWrites(out.as_mut_ptr()), mask.as_deref_mut())(0, batch);
         return result();
     }
-    if batch < ROW_SPLIT_MIN {
-        let mut x_q = vec![0.0f32; x.len()];
-        dac(x, &mut x_q);
-        matmul::linear(&x_q, weight, None, out, batch, n_in, n_out);
-        finisher(DisjointWrites(out.as_mut_ptr()), mask.as_deref_mut())(0, batch);
-        return result();
+    // The threads share the product's outputs (each keeps its share of the weights in its own
+    // cache), then the rows: finishing a row takes all of its outputs (the drift's mean).
+    let x_q = RowsAlignedLike::map(x, n_in, weight.as_ptr(), dac);
+    matmul::linear_aligned(&x_q, weight, out, batch, n_in, n_out);
+    let finish = finisher(DisjointWrites(out.as_mut_ptr()), mask.as_deref_mut());
+    if batch == 1 {
+        finish(0, 1);
+    } else {
+        team::run(&|part, parts| {
+            let rows = team::share(batch, 1, part, parts);
+            finish(rows.start, rows.end);
+        });
     }
-    let out = out.as_mut_ptr();
-    let (product, finish) = (DisjointWrites(out), finisher(DisjointWrites(out), mask.as_deref_mut()));
-    team::run(&|part, parts| {
-        let rows = team::share(batch, ROW_BLOCK, part, parts);
-        if rows.is_empty() {
-            return;
-        }
-        let x_q = RowsAlignedLike::map(&x[rows.start * n_in..rows.end * n_in], n_in, weight.as_ptr(), dac);
-        // SAFETY: these rows of `out` belong to this part.
-        let share = unsafe { product.slice(rows.start * n_out, rows.len() * n_out) };
-        matmul::linear_aligned_single_thread(&x_q, weight, share, rows.len(), n_in, n_out);
-        finish(rows.start, rows.end);
-    });
     result()
 }
 
