@@ -50,8 +50,9 @@ const SERIAL_WORK: usize = 1 << 16;
 /// given, it receives 1 where the value reaching the ADC was inside [0, 1] (the straight-through
 /// gradient passes there) and 0 where the ADC clipped it.
 ///
-/// The product of a row lands in `out` and is finished there (drift, noise, attenuation, ADC,
-/// bias) while still in cache: no batch-sized intermediate exists.
+/// The DAC writes straight into the layout the product kernel reads, the product lands in
+/// `out`, and each row is finished there (drift, noise, attenuation, ADC, bias): no batch-sized
+/// intermediate of products or noise exists.
 #[allow(clippy::too_many_arguments)]
 pub fn optical_linear(
     x: &[f32],
