@@ -1,4 +1,4 @@
-//! A fixed team of threads for short parallel jobs issued from outside rayon, such as a
+//! A fixed team of threads for short parallel jobs issued from outside the pool, such as a
 //! decode-sized `ops.linear` called from Python.
 //!
 //! Rayon suits long or uneven work, but a job of 20-50 us pays for its hand-off: the calling
@@ -10,14 +10,14 @@
 //! cached; idle helpers spin for a short while before they sleep, so back-to-back jobs start
 //! without a wake-up; and the caller spins on the last part rather than sleeping.
 
+use std::any::Any;
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use super::pool::{self, PerProcess};
-use std::time::{Duration, Instant};
 
 /// How long an idle helper keeps polling for the next job before it sleeps.
 const SPIN: Duration = Duration::from_micros(100);
