@@ -25,8 +25,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 ///
 /// `head` (see `head`) sets where the full vector steps start. Products of one matrix must pass
 /// the same `head` for all its rows, so that a row's sum does not depend on which tile or
-/// thread computed it. `prefetch` is how many elements ahead to prefetch the weight rows (0:
-/// none).
+/// thread computed it. `prefetch` is how many elements ahead to prefetch the weight rows
+/// (negative: behind, for a caller walking the rows backwards; 0: none).
 ///
 /// # Safety
 /// Every pointer must address `k` readable floats.
@@ -36,7 +36,7 @@ pub unsafe fn dot_tile<const RW: usize, const RX: usize>(
     x: [*const f32; RX],
     k: usize,
     head: usize,
-    prefetch: usize,
+    prefetch: isize,
 ) -> [[f32; RX]; RW] {
     #[cfg(target_arch = "x86_64")]
     {
@@ -229,12 +229,12 @@ mod x86 {
         x: [*const f32; RX],
         k: usize,
         head: usize,
-        prefetch: usize,
+        prefetch: isize,
     ) -> [[f32; RX]; RW] {
         let mut acc = [[_mm512_setzero_ps(); RX]; RW];
         let mut step = |i: usize, mask: __mmask16| {
-            for p in w.iter().filter(|_| prefetch > 0) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + prefetch) as *const i8);
+            for p in w.iter().filter(|_| prefetch != 0) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_offset(i as isize + prefetch) as *const i8);
             }
             let wv = w.map(|p| _mm512_maskz_loadu_ps(mask, p.add(i)));
             for c in 0..RX {
