@@ -155,6 +155,15 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// The sum of the eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(a: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
@@ -175,13 +184,7 @@ mod x86 {
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
             i += 8;
         }
-        let acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let lo = _mm256_castps256_ps128(acc);
-        let s = _mm_add_ps(hi, lo);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        let mut sum = _mm_cvtss_f32(s);
+        let mut sum = hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
         while i < n {
             sum += *pa.add(i) * *pb.add(i);
             i += 1;
@@ -210,11 +213,7 @@ mod x86 {
         let mut out = [[0.0f32; RX]; RW];
         for r in 0..RW {
             for c in 0..RX {
-                let a = acc[r][c];
-                let s = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-                out[r][c] = _mm_cvtss_f32(s);
+                out[r][c] = hsum256(acc[r][c]);
                 for j in i..k {
                     out[r][c] += *w[r].add(j) * *x[c].add(j);
                 }
@@ -360,6 +359,24 @@ mod tests {
             (x86::reduce16_for_test(v), v.map(|x| _mm512_reduce_add_ps(x)))
         };
         assert_eq!(got, want);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_tile_matches_dot_on_machines_that_would_use_it() {
+        if !has_avx2_fma() {
+            return;
+        }
+        for n in [0, 7, 8, 9, 31, 100] {
+            let rows: Vec<Vec<f32>> = (0..6).map(|r| (0..n).map(|i| ((i * 3 + r) as f32 * 0.7).sin()).collect()).collect();
+            // SAFETY: the CPU has AVX2 and FMA (checked above); every row holds n floats.
+            let got = unsafe { x86::dot_tile_avx2::<2, 4>([rows[0].as_ptr(), rows[1].as_ptr()], std::array::from_fn(|c| rows[2 + c].as_ptr()), n) };
+            for r in 0..2 {
+                for c in 0..4 {
+                    assert!((got[r][c] - dot_portable(&rows[r], &rows[2 + c])).abs() < 1e-4, "n = {n}");
+                }
+            }
+        }
     }
 
     #[test]
