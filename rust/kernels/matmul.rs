@@ -163,18 +163,6 @@ pub fn linear_single_thread(x: &[f32], weight: &[f32], out: &mut [f32], m: usize
     unsafe { linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::None) };
 }
 
-/// `linear_single_thread` for a few input rows already laid out against `weight` by
-/// `RowsAlignedLike` (for callers that transform the rows as they lay them out).
-pub fn linear_aligned_single_thread(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    assert_eq!(weight.len(), n * k);
-    assert_eq!(out.len(), m * n);
-    if m > 0 {
-        assert_eq!(x.row(m - 1).len(), k);
-        // SAFETY: all of `out` belongs to this call.
-        unsafe { FewRowProduct::new(x, weight, out, m, k, n).columns(0..n) };
-    }
-}
-
 /// `out[m, n] = x[m, k] @ weight[n, k]^T (+ bias[n])`: PyTorch's `nn.Linear`.
 pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], m: usize, k: usize, n: usize) {
     assert_eq!(x.len(), m * k);

@@ -43,7 +43,7 @@ impl OpticalParams {
     }
 }
 
-/// Up to this many multiply-adds everything runs on the calling thread.
+/// Up to this many multiply-adds the rows are finished on the calling thread.
 const SERIAL_WORK: usize = 1 << 16;
 
 /// x `[batch, n_in]`, weight `[n_out, n_in]` -> out `[batch, n_out]`. When `pre_adc_mask` is
@@ -100,19 +100,13 @@ pub fn optical_linear(
             }
         }
     };
-    if batch * n_in * n_out <= SERIAL_WORK {
-        let x_q = RowsAlignedLike::map(x, n_in, weight.as_ptr(), dac);
-        matmul::linear_aligned_single_thread(&x_q, weight, out, batch, n_in, n_out);
-        finisher(DisjointWrites(out.as_mut_ptr()), mask.as_deref_mut())(0, batch);
-        return result();
-    }
     // The threads share the product's outputs (each keeps its share of the weights in its own
     // cache), then the rows: finishing a row takes all of its outputs (the drift's mean).
     let x_q = RowsAlignedLike::map(x, n_in, weight.as_ptr(), dac);
     matmul::linear_aligned(&x_q, weight, out, batch, n_in, n_out);
     let finish = finisher(DisjointWrites(out.as_mut_ptr()), mask.as_deref_mut());
-    if batch == 1 {
-        finish(0, 1);
+    if batch == 1 || batch * n_in * n_out <= SERIAL_WORK {
+        finish(0, batch);
     } else {
         team::run(&|part, parts| {
             let rows = team::share(batch, 1, part, parts);
@@ -183,14 +177,13 @@ pub fn optical_linear_backward(
     assert_eq!(x.len(), batch * n_in);
     assert_eq!(weight.len(), n_out * n_in);
     let levels = ((1u32 << precision) - 1) as f32;
-    let par = gemm::Parallelism::Rayon(0);
     let grad_s: Vec<f32> = grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
     let mut x_q = vec![0.0f32; x.len()];
     quantize_slice(x, levels, 0.0, 1.0, &mut x_q);
     let mut grad_w = vec![0.0f32; n_out * n_in];
-    matmul::matmul_tn(&grad_s, &x_q, &mut grad_w, batch, n_out, n_in, par);
+    matmul::matmul_tn(&grad_s, &x_q, &mut grad_w, batch, n_out, n_in, gemm::Parallelism::Rayon(0));
     let mut grad_x = vec![0.0f32; batch * n_in];
-    matmul::matmul_with(&grad_s, weight, &mut grad_x, batch, n_out, n_in, par);
+    matmul::matmul(&grad_s, weight, &mut grad_x, batch, n_out, n_in);
     for (g, &v) in grad_x.iter_mut().zip(x) {
         if !(0.0..=1.0).contains(&v) {
             *g = 0.0;
