@@ -3,13 +3,15 @@
 //! before it is written. Noise for sample row r comes from normal stream (seed, r), so the
 //! result does not depend on how rows are spread over threads.
 
-use super::quantize::{check_bits, quantize_scalar, quantize_slice};
-use super::rng::fill_normal_serial;
+use std::cell::Cell;
+use std::ops::Range;
+
 use super::math::dispatch;
 use super::matmul::{self, DisjointWrites};
+use super::quantize::{check_bits, levels, quantize_scalar, quantize_slice};
+use super::rng::fill_normal_serial;
 use super::simd::{sum, RowsAlignedLike};
 use super::team;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use crate::error::{EllmError, Result};
 
 #[derive(Clone, Copy, Debug)]
@@ -37,10 +39,6 @@ impl OpticalParams {
         }
         Ok(())
     }
-
-    fn levels(&self) -> f32 {
-        ((1u32 << self.precision) - 1) as f32
-    }
 }
 
 /// Up to this many multiply-adds the rows are finished on the calling thread.
@@ -50,9 +48,8 @@ const SERIAL_WORK: usize = 1 << 16;
 /// given, it receives 1 where the value reaching the ADC was inside [0, 1] (the straight-through
 /// gradient passes there) and 0 where the ADC clipped it.
 ///
-/// The DAC writes straight into the layout the product kernel reads, the product lands in
-/// `out`, and each row is finished there (drift, noise, attenuation, ADC, bias): no batch-sized
-/// intermediate of products or noise exists.
+/// The product lands in `out` and each row is finished there (drift, noise, attenuation, ADC,
+/// bias): no batch-sized intermediate of products or noise exists.
 #[allow(clippy::too_many_arguments)]
 pub fn optical_linear(
     x: &[f32],
@@ -74,46 +71,35 @@ pub fn optical_linear(
     if let Some(mask) = &pre_adc_mask {
         assert_eq!(mask.len(), out.len());
     }
-    let levels = p.levels();
-    let mut mask = pre_adc_mask;
-    // The DAC also notes NaN and infinities, which have no light level: checking while the
-    // rows are in cache costs nothing, and the error is raised once the threads are done.
-    let non_finite = AtomicBool::new(false);
-    let dac = |src: &[f32], dst: &mut [f32]| {
-        if !src.iter().fold(true, |ok, v| ok & v.is_finite()) {
-            non_finite.store(true, Relaxed);
-        }
+    let levels = levels(p.precision);
+    // The DAC writes straight into the layout the product kernel reads, and notes NaN and
+    // infinities (they have no light level) while the rows are in cache.
+    let non_finite = Cell::new(false);
+    let x_q = RowsAlignedLike::map(x, n_in, weight.as_ptr(), |src, dst| {
+        non_finite.set(non_finite.get() | !src.iter().fold(true, |ok, v| ok & v.is_finite()));
         quantize_slice(src, levels, 0.0, 1.0, dst)
-    };
-    let result = || match non_finite.load(Relaxed) {
-        true => Err(EllmError::Value("optical_linear: x contains NaN or infinite values".into())),
-        false => Ok(()),
-    };
-    // Finishes rows first..last of `rows`; each caller passes rows of its own.
-    let finisher = |rows: DisjointWrites, mask: Option<&mut [u8]>| {
-        let mask = mask.map(|m| DisjointWrites(m.as_mut_ptr()));
-        move |first: usize, last: usize| {
-            for r in first..last {
-                // SAFETY: row r of `out` and of `mask` belongs to this caller.
-                let (row, row_mask) = unsafe { (rows.slice(r * n_out, n_out), mask.as_ref().map(|m| m.slice(r * n_out, n_out))) };
-                finish_row(row, row_mask, r, p, levels, bias);
-            }
-        }
-    };
+    });
+    if non_finite.get() {
+        return Err(EllmError::Value("optical_linear: x contains NaN or infinite values".into()));
+    }
     // The threads share the product's outputs (each keeps its share of the weights in its own
     // cache), then the rows: finishing a row takes all of its outputs (the drift's mean).
-    let x_q = RowsAlignedLike::map(x, n_in, weight.as_ptr(), dac);
     matmul::linear_aligned(&x_q, weight, out, batch, n_in, n_out);
-    let finish = finisher(DisjointWrites(out.as_mut_ptr()), mask.as_deref_mut());
+    let rows = DisjointWrites(out.as_mut_ptr());
+    let masks = pre_adc_mask.map(|m| DisjointWrites(m.as_mut_ptr()));
+    let finish = |range: Range<usize>| {
+        for r in range {
+            // SAFETY: each caller finishes rows of its own, of `out` and of the mask.
+            let (row, mask) = unsafe { (rows.slice(r * n_out, n_out), masks.as_ref().map(|m| m.slice(r * n_out, n_out))) };
+            finish_row(row, mask, r, p, levels, bias);
+        }
+    };
     if batch == 1 || batch * n_in * n_out <= SERIAL_WORK {
-        finish(0, batch);
+        finish(0..batch);
     } else {
-        team::run(&|part, parts| {
-            let rows = team::share(batch, 1, part, parts);
-            finish(rows.start, rows.end);
-        });
+        team::run(&|part, parts| finish(team::share(batch, 1, part, parts)));
     }
-    result()
+    Ok(())
 }
 
 /// Everything after the product, for sample row `r`: drift and noise (stream r) when noisy,
@@ -176,7 +162,7 @@ pub fn optical_linear_backward(
     assert_eq!(pre_adc_mask.len(), grad_y.len());
     assert_eq!(x.len(), batch * n_in);
     assert_eq!(weight.len(), n_out * n_in);
-    let levels = ((1u32 << precision) - 1) as f32;
+    let levels = levels(precision);
     let grad_s: Vec<f32> = grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
     let mut x_q = vec![0.0f32; x.len()];
     quantize_slice(x, levels, 0.0, 1.0, &mut x_q);

@@ -13,6 +13,11 @@ pub fn check_bits(bits: u32) -> Result<()> {
     }
 }
 
+/// The steps between the lowest and the highest of `bits`-bit levels: 2^bits - 1.
+pub fn levels(bits: u32) -> f32 {
+    ((1u32 << bits) - 1) as f32
+}
+
 /// One value. Rounds half to even, as NumPy does, so both backends agree on ties.
 #[inline(always)]
 pub fn quantize_scalar(x: f32, levels: f32, min_val: f32, max_val: f32) -> f32 {
@@ -29,7 +34,7 @@ pub fn quantize(x: &[f32], bits: u32, min_val: f32, max_val: f32, out: &mut [f32
     if !(min_val <= max_val) {
         return Err(EllmError::Value(format!("min_val ({min_val}) must not exceed max_val ({max_val})")));
     }
-    let levels = ((1u32 << bits) - 1) as f32;
+    let levels = levels(bits);
     assert_eq!(x.len(), out.len());
     let dst = DisjointWrites(out.as_mut_ptr());
     team::run(&|part, parts| {
