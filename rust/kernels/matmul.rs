@@ -131,7 +131,7 @@ const SPLIT_COLUMNS_MAX_ROWS: usize = 256;
 const SPLIT_COLUMNS_MIN_ROWS: usize = 64;
 
 fn linear_split_columns(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::pool().current_num_threads().max(1);
     let per_task = n.div_ceil(threads).div_ceil(SPLIT_COLUMNS_MIN_ROWS).max(1) * SPLIT_COLUMNS_MIN_ROWS;
     let dst = DisjointWrites(out.as_mut_ptr());
     pool::install(|| (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
@@ -142,25 +142,6 @@ fn linear_split_columns(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k:
             linear_gemm(x.as_ptr(), weight.as_ptr().add(first * k), dst.at(first), m, k, cols, n, gemm::Parallelism::None);
         }
     }));
-}
-
-/// `out[m, n] = x[m, k] @ weight[n, k]^T` on the calling thread (callers that already run one
-/// task per thread, or have too little work to wake the pool).
-pub fn linear_single_thread(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    assert_eq!(x.len(), m * k);
-    assert_eq!(weight.len(), n * k);
-    assert_eq!(out.len(), m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if m <= GEMV_MAX_ROWS {
-        let x = RowsAlignedLike::new(x, k, weight.as_ptr());
-        // SAFETY: all of `out` belongs to this call.
-        unsafe { FewRowProduct::new(&x, weight, out, m, k, n).columns(0..n) };
-        return;
-    }
-    // SAFETY: as in `linear`.
-    unsafe { linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::None) };
 }
 
 /// `out[m, n] = x[m, k] @ weight[n, k]^T (+ bias[n])`: PyTorch's `nn.Linear`.
@@ -420,7 +401,9 @@ mod tests {
                 linear(&x, w, None, &mut again, m, k, n);
                 assert_eq!(split, again, "{m}x{k}x{n}: forwards and backwards differ");
                 let mut single = vec![0.0; m * n];
-                linear_single_thread(&x, w, &mut single, m, k, n);
+                let x_aligned = RowsAlignedLike::new(&x, k, w.as_ptr());
+                // SAFETY: all of `single` belongs to this call.
+                unsafe { FewRowProduct::new(&x_aligned, w, &mut single, m, k, n).columns(0..n) };
                 assert_eq!(split, single, "{m}x{k}x{n} at offset {offset}");
                 for (a, b) in split.iter().zip(naive_linear(&x, w, m, k, n)) {
                     assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
