@@ -39,12 +39,16 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 def check_bits(value: Any, name: str = "bits") -> int:
     """An int in 1..=16 (quantizer and DAC/ADC precision), or ValueError naming `name`."""
+    if type(value) is int and 1 <= value <= 16:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 16:
         raise ValueError(f"{name} must be an int in 1..=16, got {value!r}")
     return int(value)
 
 
 def _u64(value: Any, name: str) -> int:
+    if type(value) is int and 0 <= value < _U64:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not 0 <= int(value) < _U64:
@@ -215,11 +219,12 @@ def optical_linear(
         if b.shape != (w.shape[0],):
             raise ValueError(f"optical_linear: bias {b.shape} does not fit weight {w.shape}")
     precision = check_bits(precision, "precision")
-    for name, value in (("noise_level", noise_level), ("temp_drift", temp_drift)):
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    noise_level, temp_drift = float(noise_level), float(temp_drift)
+    if not (0.0 <= noise_level <= 1.0 and 0.0 <= temp_drift <= 1.0):
+        name, value = ("noise_level", noise_level) if not 0.0 <= noise_level <= 1.0 else ("temp_drift", temp_drift)
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
     y, mask = _impl().optical_linear(
-        _rows(x), w, b, precision, float(noise_level), float(temp_drift),
+        _rows(x), w, b, precision, noise_level, temp_drift,
         float(attenuation), float(thermal_std), bool(training), _u64(seed, "seed"), bool(return_mask),
     )
     if x.ndim != 2:
