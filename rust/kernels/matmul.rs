@@ -170,20 +170,38 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
     }
 }
 
+/// How `gemv_rows` walks a matrix's rows.
+#[derive(Clone, Copy)]
+struct Walk {
+    /// Last to first (the same numbers either way; see `linear_aligned`).
+    backwards: bool,
+    /// Prefetch the next block's rows: it overlaps memory latency when the weights stream from
+    /// RAM, and costs a load slot per vector when they are already in the core's cache.
+    prefetch: bool,
+}
+
+impl Walk {
+    /// Weights read once from RAM (the engine's step, a matrix larger than the caches).
+    const STREAMING: Walk = Walk { backwards: false, prefetch: true };
+}
+
 /// `out[j] = dot(x, weight row j)` for the rows of `weight` (`[out.len(), k]`), four at a time,
-/// first to last or, with `backwards`, last to first (the same numbers either way); `head` as
-/// `simd::dot_tile` takes it, for the matrix these rows belong to.
-fn gemv_rows(x: &[f32], weight: &[f32], out: &mut [f32], k: usize, head: usize, backwards: bool) {
+/// in the order `walk` says; `head` as `simd::dot_tile` takes it, for the matrix these rows
+/// belong to.
+fn gemv_rows(x: &[f32], weight: &[f32], out: &mut [f32], k: usize, head: usize, walk: Walk) {
     let row = |j: usize| weight[j * k..].as_ptr();
     let x = [x.as_ptr()];
     let blocks = out.len() / 4;
     let full = blocks * 4;
-    // The same place 4 rows on (or back) belongs to the next block: prefetching it overlaps
-    // the memory latency (GEMV is bandwidth-bound).
-    let prefetch = if backwards { -4 * k as isize } else { 4 * k as isize };
+    // The same place 4 rows on (or back) belongs to the next block.
+    let prefetch = match walk {
+        Walk { prefetch: false, .. } => 0,
+        Walk { backwards: true, .. } => -4 * k as isize,
+        Walk { backwards: false, .. } => 4 * k as isize,
+    };
     // SAFETY (both calls): every row pointer addresses k floats of `weight`, x holds k floats.
     for b in 0..blocks {
-        let j = 4 * if backwards { blocks - 1 - b } else { b };
+        let j = 4 * if walk.backwards { blocks - 1 - b } else { b };
         let tile = unsafe { dot_tile::<4, 1>(std::array::from_fn(|r| row(j + r)), x, k, head, prefetch) };
         for (o, [v]) in out[j..j + 4].iter_mut().zip(tile) {
             *o = v;
@@ -215,8 +233,8 @@ struct FewRowProduct<'a> {
     n: usize,
     /// Where the vector steps start, the same for every row of the matrix (see `dot_tile`).
     head: usize,
-    /// Walk a single input's weight rows last to first (see `linear_aligned`).
-    backwards: bool,
+    /// How a single input walks the weight rows.
+    walk: Walk,
     _out: std::marker::PhantomData<&'a mut [f32]>,
 }
 
@@ -224,7 +242,7 @@ impl<'a> FewRowProduct<'a> {
     fn new(x: &'a RowsAlignedLike, weight: &'a [f32], out: &'a mut [f32], m: usize, k: usize, n: usize) -> Self {
         let head = simd::head(weight.as_ptr());
         let out = DisjointWrites(out.as_mut_ptr());
-        FewRowProduct { x, weight, out, m, k, n, head, backwards: false, _out: std::marker::PhantomData }
+        FewRowProduct { x, weight, out, m, k, n, head, walk: Walk::STREAMING, _out: std::marker::PhantomData }
     }
 
     /// Columns `cols` of `out`, input rows outermost so that a block of them stays in L1 while
@@ -238,7 +256,7 @@ impl<'a> FewRowProduct<'a> {
         }
         if self.m == 1 {
             let weight = &self.weight[cols.start * self.k..cols.end * self.k];
-            gemv_rows(self.x.row(0), weight, self.out.slice(cols.start, cols.len()), self.k, self.head, self.backwards);
+            gemv_rows(self.x.row(0), weight, self.out.slice(cols.start, cols.len()), self.k, self.head, self.walk);
             return;
         }
         let mut i = 0;
@@ -297,7 +315,7 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
             tasks.push((&w[first * k..(first + chunk.len()) * k], chunk, head));
         }
     }
-    pool::install(|| tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head, false)));
+    pool::install(|| tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head, Walk::STREAMING)));
 }
 
 /// Matrices up to this size alternate their direction from call to call (see `linear_aligned`).
@@ -316,9 +334,19 @@ fn linear_few_rows(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usiz
 /// `linear_few_rows` for input rows already laid out against `weight` by `RowsAlignedLike`
 /// (for callers that transform the rows as they lay them out); any number of rows.
 pub fn linear_aligned(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    linear_aligned_beside(x, weight, out, m, k, n, &|| {}, 0);
+}
+
+/// `linear_aligned`, also running `beside` (work worth about `beside_work` multiply-adds, which
+/// does not touch `out`) on the calling thread once its share of the product, cut to match, is
+/// done: the other threads learn of the job a little later, so it tends to finish first.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_aligned_beside(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize,
+                             beside: &(dyn Fn() + Sync), beside_work: usize) {
     assert_eq!(weight.len(), n * k);
     assert_eq!(out.len(), m * n);
     if m == 0 {
+        beside();
         return;
     }
     assert_eq!(x.row(m - 1).len(), k);
@@ -326,23 +354,46 @@ pub fn linear_aligned(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: u
     // A matrix that about fills the cores' caches, read the same way on every call, misses
     // nearly everywhere (each line is evicted just before it comes round again); walking it
     // backwards every other call finds the lines the last call left. For [1536, 576] that
-    // is 20% faster. A matrix far larger than the caches streams better forwards.
+    // is 20% faster. A matrix far larger than the caches streams better forwards, with
+    // prefetching.
     static CALLS: AtomicUsize = AtomicUsize::new(0);
-    product.backwards = n * k * 4 <= ZIGZAG_MAX_BYTES && CALLS.fetch_add(1, Relaxed) % 2 == 1;
+    let cached = n * k * 4 <= ZIGZAG_MAX_BYTES;
+    product.walk = Walk { backwards: cached && CALLS.fetch_add(1, Relaxed) % 2 == 1, prefetch: !cached };
     // SAFETY (every call below): each gets its own range of columns.
     if m * n * k < PARALLEL_GEMV_WORK {
+        beside();
         unsafe { product.columns(0..n) };
         return;
     }
-    if team::try_run(&|part, parts| unsafe { product.columns(team::share(n, 4, part, parts)) }) {
+    let beside_columns = beside_work / (m * k).max(1);
+    let part = |part: usize, parts: usize| {
+        unsafe { product.columns(team::share_lighter_first(n, 4, part, parts, beside_columns)) };
+        if part == 0 {
+            beside();
+        }
+    };
+    if team::try_run(&part) {
         return;
     }
     let per_task = gemv_rows_per_task(k);
     pool::install(|| {
-        (0..n.div_ceil(per_task))
-            .into_par_iter()
-            .for_each(|task| unsafe { product.columns(task * per_task..((task + 1) * per_task).min(n)) })
+        rayon::join(beside, || {
+            (0..n.div_ceil(per_task))
+                .into_par_iter()
+                .for_each(|task| unsafe { product.columns(task * per_task..((task + 1) * per_task).min(n)) })
+        })
     });
+}
+
+/// `linear_aligned` on the calling thread alone, for callers that share out the work themselves.
+pub fn linear_aligned_serial(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(weight.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    if m > 0 {
+        assert_eq!(x.row(m - 1).len(), k);
+        // SAFETY: all of `out` belongs to this call.
+        unsafe { FewRowProduct::new(x, weight, out, m, k, n).columns(0..n) }
+    }
 }
 
 #[cfg(test)]
@@ -401,9 +452,7 @@ mod tests {
                 linear(&x, w, None, &mut again, m, k, n);
                 assert_eq!(split, again, "{m}x{k}x{n}: forwards and backwards differ");
                 let mut single = vec![0.0; m * n];
-                let x_aligned = RowsAlignedLike::new(&x, k, w.as_ptr());
-                // SAFETY: all of `single` belongs to this call.
-                unsafe { FewRowProduct::new(&x_aligned, w, &mut single, m, k, n).columns(0..n) };
+                linear_aligned_serial(&RowsAlignedLike::new(&x, k, w.as_ptr()), w, &mut single, m, k, n);
                 assert_eq!(split, single, "{m}x{k}x{n} at offset {offset}");
                 for (a, b) in split.iter().zip(naive_linear(&x, w, m, k, n)) {
                     assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");

@@ -187,7 +187,13 @@ pub fn run(job: &(dyn Fn(usize, usize) + Sync)) {
 /// Part `part` of `0..len` cut into `parts` nearly equal ranges whose bounds are multiples of
 /// `align` (the last range takes the rest).
 pub fn share(len: usize, align: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
-    let bound = |p: usize| (len * p / parts).next_multiple_of(align).min(len);
+    share_lighter_first(len, align, part, parts, 0)
+}
+
+/// `share`, with the first part (the caller's) given about `lighter` fewer elements than the
+/// others (it has other work too).
+pub fn share_lighter_first(len: usize, align: usize, part: usize, parts: usize, lighter: usize) -> std::ops::Range<usize> {
+    let bound = |p: usize| ((len + lighter) * p / parts).saturating_sub(lighter).next_multiple_of(align).min(len);
     bound(part)..bound(part + 1)
 }
 
@@ -205,9 +211,12 @@ mod tests {
     #[test]
     fn shares_cover_the_range_once() {
         for (len, parts) in [(0, 2), (1, 2), (10, 3), (1536, 2), (7, 8)] {
-            let all: Vec<usize> = (0..parts).flat_map(|p| share(len, 4, p, parts)).collect();
-            assert_eq!(all, (0..len).collect::<Vec<_>>());
+            for lighter in [0, 3, 100, 5000] {
+                let all: Vec<usize> = (0..parts).flat_map(|p| share_lighter_first(len, 4, p, parts, lighter)).collect();
+                assert_eq!(all, (0..len).collect::<Vec<_>>());
+            }
         }
+        assert_eq!(share_lighter_first(512, 4, 0, 2, 24), 0..244);
     }
 
     #[test]
