@@ -220,6 +220,8 @@ const TILE_INPUTS: usize = 8;
 /// No software prefetch for tiles: each weight row is read over many multiply-adds, and the
 /// hardware prefetcher keeps up (measured: no gain at 32, 64 or 128 elements ahead).
 const TILE_PREFETCH: isize = 0;
+/// Bytes of weight rows `FewRowProduct` multiplies against all its inputs before moving on.
+const BLOCK_BYTES: usize = 256 << 10;
 
 /// `out[m, n] = x[m, k] @ weight[n, k]^T` for a few input rows, computed by ranges of output
 /// columns (weight rows) that threads may take in parallel: four weight rows at a time against
@@ -245,8 +247,8 @@ impl<'a> FewRowProduct<'a> {
         FewRowProduct { x, weight, out, m, k, n, head, walk: Walk::STREAMING, _out: std::marker::PhantomData }
     }
 
-    /// Columns `cols` of `out`, input rows outermost so that a block of them stays in L1 while
-    /// the weight rows stream past.
+    /// Columns `cols` of `out`, a block of weight rows at a time; within a block, input rows
+    /// outermost so that a group of them stays in L1 while the block's weight rows stream past.
     ///
     /// # Safety
     /// Nobody else writes these columns meanwhile.
@@ -259,16 +261,23 @@ impl<'a> FewRowProduct<'a> {
             gemv_rows(self.x.row(0), weight, self.out.slice(cols.start, cols.len()), self.k, self.head, self.walk);
             return;
         }
-        let mut i = 0;
-        while i < self.m {
-            let rows = [TILE_INPUTS, 4, 2, 1].into_iter().find(|&r| r <= self.m - i).unwrap_or(1);
-            match rows {
-                TILE_INPUTS => self.tiles::<TILE_INPUTS>(i, cols.clone()),
-                4 => self.tiles::<4>(i, cols.clone()),
-                2 => self.tiles::<2>(i, cols.clone()),
-                _ => self.tiles::<1>(i, cols.clone()),
+        // A block of weight rows at a time stays in the core's cache while every group of inputs
+        // passes over it; otherwise all of them would be read from further out once per group
+        // (784 -> 512, 16 inputs: 10% faster).
+        let block = (BLOCK_BYTES / (4 * self.k.max(1))).next_multiple_of(TILE_WEIGHTS).max(TILE_WEIGHTS);
+        for first in cols.clone().step_by(block) {
+            let block = first..(first + block).min(cols.end);
+            let mut i = 0;
+            while i < self.m {
+                let rows = [TILE_INPUTS, 4, 2, 1].into_iter().find(|&r| r <= self.m - i).unwrap_or(1);
+                match rows {
+                    TILE_INPUTS => self.tiles::<TILE_INPUTS>(i, block.clone()),
+                    4 => self.tiles::<4>(i, block.clone()),
+                    2 => self.tiles::<2>(i, block.clone()),
+                    _ => self.tiles::<1>(i, block.clone()),
+                }
+                i += rows;
             }
-            i += rows;
         }
     }
 
