@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benches/bench_ops.py
 	$(PY) benches/bench_model.py
 	$(PY) benches/bench_optical.py
+	cargo bench --no-default-features --bench memory_ceiling
 
 clean:
 	rm -rf $(VENV) target
