@@ -10,7 +10,8 @@ use crate::error::EllmError;
 use crate::kernels::matmul as gemm_kernels;
 use crate::kernels::{activation, attention, norm, optical, quantize, rng, rope, softmax};
 
-type Out<'py> = PyResult<Bound<'py, PyArrayDyn<f32>>>;
+type Array<'py, T = f32> = Bound<'py, PyArrayDyn<T>>;
+type Out<'py> = PyResult<Array<'py>>;
 
 fn expect_rank(shape: &[usize], rank: usize, what: &str) -> PyResult<()> {
     if shape.len() == rank {
@@ -236,7 +237,7 @@ fn optical_linear<'py>(
     noisy: bool,
     seed: u64,
     want_mask: bool,
-) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<Bound<'py, numpy::PyArrayDyn<u8>>>)> {
+) -> PyResult<(Array<'py>, Option<Array<'py, u8>>)> {
     let (sx, sw) = (shape_of(&x), shape_of(&weight));
     expect_rank(&sx, 2, "x")?;
     expect_rank(&sw, 2, "weight")?;
@@ -282,7 +283,7 @@ fn optical_linear_backward<'py>(
     pre_adc_mask: PyReadonlyArrayDyn<'py, u8>,
     precision: u32,
     attenuation: f32,
-) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+) -> PyResult<(Array<'py>, Array<'py>)> {
     let (sg, sx, sw, sm) = (shape_of(&grad_y), shape_of(&x), shape_of(&weight), pre_adc_mask.shape().to_vec());
     expect_rank(&sw, 2, "weight")?;
     if sg.len() != 2 || sx.len() != 2 || sg[0] != sx[0] || sg[1] != sw[0] || sx[1] != sw[1] || sm != sg {

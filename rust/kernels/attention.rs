@@ -40,7 +40,7 @@ pub struct AttentionShape {
 
 impl AttentionShape {
     pub fn check(&self) -> Result<()> {
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(EllmError::Value(format!(
                 "n_heads ({}) must be a multiple of n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads

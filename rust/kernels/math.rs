@@ -19,7 +19,7 @@ pub fn exp(x_in: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     // n is the low bits of `rounded`'s mantissa; 2^n is n + 127 in the exponent field.
     let n_int = rounded.to_bits() as i32 - ROUND.to_bits() as i32;
@@ -48,7 +48,7 @@ pub fn ln(x: f32) -> f32 {
     let p = p * f - 1.666_805_8e-1;
     let p = p * f + 2.000_071_5e-1;
     let p = p * f - 2.499_999_4e-1;
-    let p = p * f + 3.333_333_1e-1;
+    let p = p * f + 3.333_333e-1;
     let ef = e as f32;
     let y = p * f * z + ef * LN2_LO - 0.5 * z;
     f + y + ef * LN2_HI

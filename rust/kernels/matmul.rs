@@ -59,6 +59,7 @@ unsafe impl Sync for View {}
 /// # Safety
 /// Every view must address valid memory over its whole extent, `dst` must be writable there
 /// and must not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: *mut f32, dst_row_stride: usize, dst_col_stride: usize,
                     lhs: View, rhs: View, par: gemm::Parallelism) {
     gemm::gemm(
@@ -77,6 +78,7 @@ pub(crate) unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: *mut f32, dst_
 /// # Safety
 /// `x` holds m*k values, `weight_rows` cols*k, and `out_cols` points at column `first` of an
 /// `[m, n]` buffer with `first + cols <= n`, owned by the caller for those columns.
+#[allow(clippy::too_many_arguments)]
 unsafe fn linear_gemm(x: *const f32, weight_rows: *const f32, out_cols: *mut f32, m: usize, k: usize, cols: usize,
                       n: usize, par: gemm::Parallelism) {
     gemm_into(cols, m, k, out_cols, 1, n,

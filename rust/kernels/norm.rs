@@ -9,7 +9,7 @@ const ROWS_PER_TASK: usize = 16;
 
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
-    assert!(out.len() == x.len() && (dim == 0 || x.len() % dim == 0));
+    assert!(out.len() == x.len() && (dim == 0 || x.len().is_multiple_of(dim)));
     if dim == 0 || x.is_empty() {
         return;
     }

@@ -221,7 +221,7 @@ dispatch! {
             *s *= attenuation;
         }
         for (m, &s) in mask.iter_mut().zip(row.iter()) {
-            *m = (s >= 0.0 && s <= 1.0) as u8;
+            *m = (0.0..=1.0).contains(&s) as u8;
         }
         for s in row.iter_mut() {
             *s = quantize_scalar(*s, levels, 0.0, 1.0);
@@ -235,6 +235,7 @@ dispatch! {
 /// The straight-through backward of `optical_linear`: each quantizer passes the gradient where
 /// its input was inside [0, 1] and blocks it elsewhere, drift and noise count as constants, and
 /// attenuation scales it. Returns (grad_x `[batch, n_in]`, grad_weight `[n_out, n_in]`).
+#[allow(clippy::too_many_arguments)]
 pub fn optical_linear_backward(
     grad_y: &[f32],
     x: &[f32],

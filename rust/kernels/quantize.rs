@@ -31,7 +31,7 @@ pub fn quantize_scalar(x: f32, levels: f32, min_val: f32, max_val: f32) -> f32 {
 
 pub fn quantize(x: &[f32], bits: u32, min_val: f32, max_val: f32, out: &mut [f32]) -> Result<()> {
     check_bits(bits)?;
-    if !(min_val <= max_val) {
+    if min_val.is_nan() || max_val.is_nan() || min_val > max_val {
         return Err(EllmError::Value(format!("min_val ({min_val}) must not exceed max_val ({max_val})")));
     }
     let levels = levels(bits);

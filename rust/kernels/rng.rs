@@ -10,6 +10,7 @@
 //!    samples `16 t + 2 l` and `16 t + 2 l + 1` of the block.
 //! 3. Box–Muller: `u1 = ((x >> 40) + 1) / 2^24` in (0, 1], `u2 = ((x >> 16) & 0xFFFFFF) / 2^24`;
 //!    `r = sqrt(-2 ln u1)`, samples `r cos(2 pi u2)` and `r sin(2 pi u2)`.
+//!
 //! Blocks are independent, so they are filled in parallel; the numbers depend only on
 //! (seed, stream, index).
 

@@ -37,10 +37,10 @@ impl RopeScaling {
 
 /// The `head_dim / 2` rotation frequencies, after scaling.
 pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Result<Vec<f32>> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(EllmError::Value(format!("rope needs an even head_dim, got {head_dim}")));
     }
-    if !(theta > 0.0) {
+    if theta.is_nan() || theta <= 0.0 {
         return Err(EllmError::Value(format!("rope theta must be positive, got {theta}")));
     }
     let base: Vec<f64> = (0..head_dim / 2)

@@ -72,7 +72,7 @@ impl RowsAlignedLike {
     /// `new`, with each row written by `f(source row, destination row)` (a copy in `new`).
     pub fn map(x: &[f32], k: usize, like: *const f32, f: impl Fn(&[f32], &mut [f32])) -> Self {
         let stride = k.next_multiple_of(16);
-        let rows = if k == 0 { 0 } else { x.len() / k };
+        let rows = x.len().checked_div(k).unwrap_or(0);
         let mut buf = vec![0.0f32; rows * stride + 16];
         let lane = |p: *const f32| (p as usize % 64) / 4;
         let start = (lane(like) + 16 - lane(buf.as_ptr())) % 16;
@@ -401,7 +401,7 @@ mod tests {
     #[test]
     fn aligned_rows_keep_the_values_and_share_the_cache_line_place() {
         let x: Vec<f32> = (0..3 * 21).map(|i| i as f32).collect();
-        let like = vec![0.0f32; 40];
+        let like = [0.0f32; 40];
         for offset in 0..4 {
             let rows = RowsAlignedLike::map(&x, 21, like[offset..].as_ptr(), |s, d| d.copy_from_slice(s));
             for r in 0..3 {
@@ -416,8 +416,8 @@ mod tests {
         let x: Vec<f32> = (0..19).map(|i| i as f32).collect();
         let mut y = vec![1.0f32; 19];
         axpy(2.0, &x, &mut y);
-        for i in 0..19 {
-            assert_eq!(y[i], 1.0 + 2.0 * i as f32);
+        for (i, &v) in y.iter().enumerate() {
+            assert_eq!(v, 1.0 + 2.0 * i as f32);
         }
     }
 }

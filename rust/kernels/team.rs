@@ -97,7 +97,7 @@ impl Team {
                 return now;
             }
             polls += 1;
-            if polls % 64 == 0 && start.elapsed() > SPIN {
+            if polls.is_multiple_of(64) && start.elapsed() > SPIN {
                 break;
             }
             std::hint::spin_loop();
@@ -128,7 +128,7 @@ impl Team {
         let mut polls = 0u32;
         while self.pending.load(SeqCst) > 0 {
             polls += 1;
-            if polls % 64 == 0 && start.elapsed() > SPIN {
+            if polls.is_multiple_of(64) && start.elapsed() > SPIN {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();

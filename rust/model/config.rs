@@ -48,13 +48,13 @@ impl LlamaConfig {
                 return Err(EllmError::Value(format!("{name} must be positive")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(EllmError::Value(format!(
                 "num_attention_heads ({}) must be divisible by num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(EllmError::Value(format!("head_dim must be even for rope, got {}", self.head_dim)));
         }
         Ok(())
