@@ -91,11 +91,15 @@ def test_noise_variance_follows_shot_plus_thermal(b):
 
 @pytest.mark.parametrize("b", ["rust", "numpy"])
 def test_same_result_for_any_thread_count(b):
+    # A batch the threads split by rows, a lone row whose outputs they split (its noise drawn
+    # beside the product) and a few rows whose outputs they split.
     code = ("import numpy as np, ellm; from ellm import ops; ellm.set_backend(%r)\n"
-            "x = np.random.default_rng(0).random((33, 40), dtype=np.float32)\n"
-            "w = np.random.default_rng(1).standard_normal((70, 40)).astype(np.float32) * 0.1\n"
-            "y = ops.optical_linear(x, w, precision=8, noise_level=0.1, temp_drift=0.05, attenuation=0.9, training=True, seed=5)\n"
-            "print(y.tobytes().hex())" % b)
+            "for batch, n_in, n_out in ((33, 40, 70), (1, 300, 300), (3, 300, 300)):\n"
+            "    x = np.random.default_rng(0).random((batch, n_in), dtype=np.float32)\n"
+            "    w = np.random.default_rng(1).standard_normal((n_out, n_in)).astype(np.float32) * 0.1\n"
+            "    y = ops.optical_linear(x, w, precision=8, noise_level=0.1, temp_drift=0.05, attenuation=0.9,\n"
+            "                           training=True, seed=5)\n"
+            "    print(y.tobytes().hex())" % b)
     outs = set()
     for threads in ("1", "2"):
         env = dict(os.environ, RAYON_NUM_THREADS=threads)
