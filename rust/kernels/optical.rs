@@ -126,13 +126,12 @@ impl Layer<'_> {
     /// The DAC for sample rows `rows`, written straight into the layout the product kernel
     /// reads; notes NaN and infinities while the rows are in cache.
     fn dac(&self, rows: Range<usize>) -> Option<RowsAlignedLike> {
-        let non_finite = Cell::new(false);
+        let finite = Cell::new(true);
         let x = &self.x[rows.start * self.n_in..rows.end * self.n_in];
         let x_q = RowsAlignedLike::map(x, self.n_in, self.weight.as_ptr(), |src, dst| {
-            non_finite.set(non_finite.get() | !src.iter().fold(true, |ok, v| ok & v.is_finite()));
-            quantize_slice(src, self.levels, 0.0, 1.0, dst)
+            finite.set(dac_row(src, dst, self.levels) & finite.get());
         });
-        if non_finite.get() {
+        if !finite.get() {
             self.non_finite.store(true, Relaxed);
             return None;
         }
@@ -201,6 +200,19 @@ impl Layer<'_> {
         }
         let mask = self.mask.as_ref().map_or(&mut [][..], |m| m.slice(r * n, n));
         attenuate_and_convert(row, mask, p.attenuation, self.levels, self.bias.unwrap_or(&[]));
+    }
+}
+
+dispatch! {
+    /// The DAC for one row: clip to [0, 1] and quantize. False if the row holds NaN or an
+    /// infinity (checked in the same pass, so both vectorize).
+    fn dac_row(src: &[f32], dst: &mut [f32], levels: f32) -> bool {
+        let mut finite = true;
+        for (d, &v) in dst.iter_mut().zip(src) {
+            finite &= v.is_finite();
+            *d = quantize_scalar(v, levels, 0.0, 1.0);
+        }
+        finite
     }
 }
 
