@@ -329,6 +329,9 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
     pool::install(|| tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head, Walk::STREAMING)));
 }
 
+/// The smallest chunk `claim_guided` hands out.
+const GUIDED_MIN_COLUMNS: usize = 64;
+
 /// Matrices up to this size alternate their direction from call to call (see `linear_aligned`).
 const ZIGZAG_MAX_BYTES: usize = 8 << 20;
 
@@ -377,8 +380,17 @@ pub fn linear_aligned_beside(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32
         return;
     }
     let beside_columns = beside_work / (m * k).max(1);
+    let claimed = AtomicUsize::new(0);
     let part = |part: usize, parts: usize| {
-        unsafe { product.columns(team::share_lighter_first(n, 4, part, parts, beside_columns)) };
+        if cached {
+            unsafe { product.columns(team::share_lighter_first(n, 4, part, parts, beside_columns)) };
+        } else {
+            // Weights streamed from memory leave no cache to keep: the threads claim shrinking
+            // chunks as they go, so a core that gets less bandwidth does less of the work.
+            while let Some(cols) = claim_guided(&claimed, n, parts) {
+                unsafe { product.columns(cols) };
+            }
+        }
         if part == 0 {
             beside();
         }
@@ -394,6 +406,24 @@ pub fn linear_aligned_beside(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32
                 .for_each(|task| unsafe { product.columns(task * per_task..((task + 1) * per_task).min(n)) })
         })
     });
+}
+
+/// The next chunk of `0..n` for one of `parts` threads sharing it through `claimed`: half of an
+/// equal share of what is left (at least `GUIDED_MIN_COLUMNS`), so early chunks are large and
+/// the last ones small enough to even out the finish.
+fn claim_guided(claimed: &AtomicUsize, n: usize, parts: usize) -> Option<Range<usize>> {
+    let mut start = claimed.load(Relaxed);
+    loop {
+        if start >= n {
+            return None;
+        }
+        let size = ((n - start) / (2 * parts)).next_multiple_of(4).max(GUIDED_MIN_COLUMNS);
+        let end = (start + size).min(n);
+        match claimed.compare_exchange_weak(start, end, Relaxed, Relaxed) {
+            Ok(_) => return Some(start..end),
+            Err(now) => start = now,
+        }
+    }
 }
 
 /// `linear_aligned` on the calling thread alone, for callers that share out the work themselves.
@@ -451,7 +481,8 @@ mod tests {
         // the 8-row tiles, weights starting off a cache line (the head), and k not a multiple
         // of 16; one thread's answer must equal the split one's bit for bit, and one call's the
         // next one's.
-        for &(m, k, n) in &[(1, 576, 1536), (1, 100, 1027), (13, 200, 301), (64, 784, 96)] {
+        // The last two are larger than ZIGZAG_MAX_BYTES: the threads claim chunks as they go.
+        for &(m, k, n) in &[(1, 576, 1536), (1, 100, 1027), (13, 200, 301), (64, 784, 96), (1, 576, 4100), (3, 300, 7010)] {
             let x = values(m * k, 4.0);
             let storage = values(n * k + 3, 5.0);
             for offset in [0, 1, 3] {
@@ -470,6 +501,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn guided_claims_cover_the_columns_once_in_shrinking_chunks() {
+        let claimed = AtomicUsize::new(0);
+        let chunks: Vec<Range<usize>> = std::iter::from_fn(|| claim_guided(&claimed, 10_000, 2)).collect();
+        assert_eq!(chunks.iter().flat_map(|c| c.clone()).collect::<Vec<_>>(), (0..10_000).collect::<Vec<_>>());
+        assert_eq!(chunks[0], 0..2500);
+        assert!(chunks.windows(2).all(|w| w[1].len() <= w[0].len()));
+        assert!(chunks[..chunks.len() - 1].iter().all(|c| c.len() >= GUIDED_MIN_COLUMNS));
     }
 
     #[test]
