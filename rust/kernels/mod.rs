@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod few_rows;
 pub mod math;
 pub mod matmul;
 pub mod norm;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use super::math::dispatch;
+use super::few_rows;
 use super::matmul::{self, DisjointWrites};
 use super::quantize::{check_bits, levels, quantize_scalar, quantize_slice};
 use super::rng::fill_normal_serial;
@@ -145,7 +146,7 @@ impl Layer<'_> {
     unsafe fn rows(&self, rows: Range<usize>) {
         let Some(x_q) = self.dac(rows.clone()) else { return };
         let out = self.out.slice(rows.start * self.n_out, rows.len() * self.n_out);
-        matmul::linear_aligned_serial(&x_q, self.weight, out, rows.len(), self.n_in, self.n_out);
+        few_rows::linear_aligned_serial(&x_q, self.weight, out, rows.len(), self.n_in, self.n_out);
         let mut noise = vec![0.0f32; if self.p.noisy { self.n_out } else { 0 }];
         for r in rows {
             if self.p.noisy {
@@ -171,10 +172,10 @@ impl Layer<'_> {
             *first_noise.lock().unwrap_or_else(|e| e.into_inner()) = noise;
         };
         if self.p.noisy {
-            matmul::linear_aligned_beside(&x_q, self.weight, out, batch, self.n_in, self.n_out, &draw_first_noise,
+            few_rows::linear_aligned_beside(&x_q, self.weight, out, batch, self.n_in, self.n_out, &draw_first_noise,
                                           self.n_out * NORMAL_SAMPLE_WORK);
         } else {
-            matmul::linear_aligned(&x_q, self.weight, out, batch, self.n_in, self.n_out);
+            few_rows::linear_aligned(&x_q, self.weight, out, batch, self.n_in, self.n_out);
         }
         let mut noise = first_noise.into_inner().unwrap_or_else(|e| e.into_inner());
         for r in 0..batch {
