@@ -81,10 +81,17 @@ fn main() {
         })
         .fold(f64::INFINITY, f64::min);
     let t_gemv = best_of(30, || matmul::linear(&x, &weight, None, &mut out, 1, K, ROWS));
-    println!("memory ceiling: [{ROWS}, {K}] f32, {:.0} MB, on {} threads", bytes / 1e6,
-             _lowlevel::kernels::pool::pool().current_num_threads());
+    println!(
+        "memory ceiling: [{ROWS}, {K}] f32, {:.0} MB, on {} threads",
+        bytes / 1e6,
+        _lowlevel::kernels::pool::pool().current_num_threads()
+    );
     println!("  read only    {:8.0} us  {:5.1} GB/s", t_read * 1e6, bytes / t_read / 1e9);
-    println!("  ellm GEMV    {:8.0} us  {:5.1} GB/s  ({:.0}% of the read-only rate)",
-             t_gemv * 1e6, bytes / t_gemv / 1e9, 100.0 * t_read / t_gemv);
+    println!(
+        "  ellm GEMV    {:8.0} us  {:5.1} GB/s  ({:.0}% of the read-only rate)",
+        t_gemv * 1e6,
+        bytes / t_gemv / 1e9,
+        100.0 * t_read / t_gemv
+    );
     println!("  (checksums {} {})", sink.lock().unwrap(), out.iter().sum::<f32>());
 }

@@ -71,7 +71,12 @@ fn linear<'py>(
 }
 
 #[pyfunction]
-fn rms_norm<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, weight: PyReadonlyArrayDyn<'py, f32>, eps: f32) -> Out<'py> {
+fn rms_norm<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArrayDyn<'py, f32>,
+    weight: PyReadonlyArrayDyn<'py, f32>,
+    eps: f32,
+) -> Out<'py> {
     let (sx, sw) = (shape_of(&x), shape_of(&weight));
     if sw.len() != 1 || sx.last() != sw.first() {
         return Err(PyValueError::new_err(format!("rms_norm: x {sx:?} and weight {sw:?} do not fit")));
@@ -199,7 +204,13 @@ fn attention_py<'py>(
 
 #[pyfunction]
 #[pyo3(name = "quantize")]
-fn quantize_py<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, bits: u32, min_val: f32, max_val: f32) -> Out<'py> {
+fn quantize_py<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArrayDyn<'py, f32>,
+    bits: u32,
+    min_val: f32,
+    max_val: f32,
+) -> Out<'py> {
     let sx = shape_of(&x);
     let xs = slice(&x, "x")?;
     let out = compute(py, || {
@@ -247,7 +258,10 @@ fn optical_linear<'py>(
     let (batch, n_in, n_out) = (sx[0], sx[1], sw[0]);
     let bias_slice = match &bias {
         Some(b) if shape_of(b) != [n_out] => {
-            return Err(PyValueError::new_err(format!("optical_linear: bias {:?} does not fit weight {sw:?}", shape_of(b))))
+            return Err(PyValueError::new_err(format!(
+                "optical_linear: bias {:?} does not fit weight {sw:?}",
+                shape_of(b)
+            )))
         }
         Some(b) => Some(slice(b, "bias")?),
         None => None,
@@ -294,7 +308,8 @@ fn optical_linear_backward<'py>(
     let (n_in, n_out) = (sw[1], sw[0]);
     let (gs, xs, ws) = (slice(&grad_y, "grad_y")?, slice(&x, "x")?, slice(&weight, "weight")?);
     let ms = pre_adc_mask.as_slice().map_err(|_| PyValueError::new_err("pre_adc_mask must be C-contiguous"))?;
-    let (gx, gw) = compute(py, || optical::optical_linear_backward(gs, xs, ws, ms, precision, attenuation, n_in, n_out))?;
+    let (gx, gw) =
+        compute(py, || optical::optical_linear_backward(gs, xs, ws, ms, precision, attenuation, n_in, n_out))?;
     Ok((to_array(py, gx, &sx)?, to_array(py, gw, &sw)?))
 }
 

@@ -30,15 +30,19 @@ dispatch! {
 
 pub fn silu(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
-    pool::install(|| out.par_chunks_mut(MIN_PER_TASK).zip(x.par_chunks(MIN_PER_TASK)).for_each(|(o, x)| silu_slice(x, o)));
+    pool::install(|| {
+        out.par_chunks_mut(MIN_PER_TASK).zip(x.par_chunks(MIN_PER_TASK)).for_each(|(o, x)| silu_slice(x, o))
+    });
 }
 
 /// `out = silu(gate) * up`
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == up.len() && up.len() == out.len());
-    pool::install(|| out.par_chunks_mut(MIN_PER_TASK)
-        .zip(gate.par_chunks(MIN_PER_TASK).zip(up.par_chunks(MIN_PER_TASK)))
-        .for_each(|(o, (g, u))| swiglu_slice(g, u, o)));
+    pool::install(|| {
+        out.par_chunks_mut(MIN_PER_TASK)
+            .zip(gate.par_chunks(MIN_PER_TASK).zip(up.par_chunks(MIN_PER_TASK)))
+            .for_each(|(o, (g, u))| swiglu_slice(g, u, o))
+    });
 }
 
 #[cfg(test)]

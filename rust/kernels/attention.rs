@@ -49,7 +49,10 @@ impl AttentionShape {
         if self.causal && self.q_len > 0 && self.start_pos + self.q_len > self.kv_len {
             return Err(EllmError::Value(format!(
                 "causal attention at start_pos {} with {} queries needs {} keys, got {}",
-                self.start_pos, self.q_len, self.start_pos + self.q_len, self.kv_len
+                self.start_pos,
+                self.q_len,
+                self.start_pos + self.q_len,
+                self.kv_len
             )));
         }
         Ok(())
@@ -88,19 +91,21 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
     let group = shape.n_heads / shape.n_kv_heads;
     assert_eq!(q.len(), shape.q_len * shape.n_heads * d);
     assert_eq!(out.len(), q.len());
-    pool::install(|| out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
-        let (i, h) = (idx / shape.n_heads, idx % shape.n_heads);
-        let g = h / group;
-        let qv = &q[idx * d..(idx + 1) * d];
-        let n = shape.visible(i);
-        scores.clear();
-        scores.extend((0..n).map(|t| dot(qv, k.vector(t, g, d)) * shape.scale));
-        softmax_in_place(scores);
-        o.fill(0.0);
-        for (t, &p) in scores.iter().enumerate() {
-            axpy(p, v.vector(t, g, d), o);
-        }
-    }));
+    pool::install(|| {
+        out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+            let (i, h) = (idx / shape.n_heads, idx % shape.n_heads);
+            let g = h / group;
+            let qv = &q[idx * d..(idx + 1) * d];
+            let n = shape.visible(i);
+            scores.clear();
+            scores.extend((0..n).map(|t| dot(qv, k.vector(t, g, d)) * shape.scale));
+            softmax_in_place(scores);
+            o.fill(0.0);
+            for (t, &p) in scores.iter().enumerate() {
+                axpy(p, v.vector(t, g, d), o);
+            }
+        })
+    });
     Ok(())
 }
 
@@ -111,32 +116,48 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
     let group = nh / shape.n_kv_heads;
     let row = nh * d;
     let out_ptr = DisjointWrites(out.as_mut_ptr());
-    pool::install(|| (0..nh).into_par_iter().for_each(|h| {
-        let g = h / group;
-        let mut scores = vec![0.0f32; sq * sk];
-        // SAFETY: every view below stays inside its buffer (q: [sq, nh, d]; k, v: kv_len rows
-        // of the view; scores: [sq, sk]), and head h writes only its own d columns of `out`.
-        unsafe {
-            gemm_into(sq, sk, d, scores.as_mut_ptr(), sk, 1,
-                      View { ptr: q.as_ptr().add(h * d), row_stride: row, col_stride: 1 },
-                      View { ptr: k.data.as_ptr().add(g * k.head_stride), row_stride: 1, col_stride: k.row_stride },
-                      gemm::Parallelism::None);
-            for x in scores.iter_mut() {
-                *x *= shape.scale;
+    pool::install(|| {
+        (0..nh).into_par_iter().for_each(|h| {
+            let g = h / group;
+            let mut scores = vec![0.0f32; sq * sk];
+            // SAFETY: every view below stays inside its buffer (q: [sq, nh, d]; k, v: kv_len rows
+            // of the view; scores: [sq, sk]), and head h writes only its own d columns of `out`.
+            unsafe {
+                gemm_into(
+                    sq,
+                    sk,
+                    d,
+                    scores.as_mut_ptr(),
+                    sk,
+                    1,
+                    View { ptr: q.as_ptr().add(h * d), row_stride: row, col_stride: 1 },
+                    View { ptr: k.data.as_ptr().add(g * k.head_stride), row_stride: 1, col_stride: k.row_stride },
+                    gemm::Parallelism::None,
+                );
+                for x in scores.iter_mut() {
+                    *x *= shape.scale;
+                }
             }
-        }
-        for (i, r) in scores.chunks_exact_mut(sk).enumerate() {
-            let visible = shape.visible(i);
-            r[visible..].fill(f32::NEG_INFINITY);
-            softmax_in_place(r);
-        }
-        unsafe {
-            gemm_into(sq, d, sk, out_ptr.at(h * d), row, 1,
-                      View { ptr: scores.as_ptr(), row_stride: sk, col_stride: 1 },
-                      View { ptr: v.data.as_ptr().add(g * v.head_stride), row_stride: v.row_stride, col_stride: 1 },
-                      gemm::Parallelism::None);
-        }
-    }));
+            for (i, r) in scores.chunks_exact_mut(sk).enumerate() {
+                let visible = shape.visible(i);
+                r[visible..].fill(f32::NEG_INFINITY);
+                softmax_in_place(r);
+            }
+            unsafe {
+                gemm_into(
+                    sq,
+                    d,
+                    sk,
+                    out_ptr.at(h * d),
+                    row,
+                    1,
+                    View { ptr: scores.as_ptr(), row_stride: sk, col_stride: 1 },
+                    View { ptr: v.data.as_ptr().add(g * v.head_stride), row_stride: v.row_stride, col_stride: 1 },
+                    gemm::Parallelism::None,
+                );
+            }
+        })
+    });
 }
 
 #[cfg(test)]
@@ -149,7 +170,16 @@ mod tests {
         let k = vec![0.3f32, 0.4];
         let v = vec![5.0f32, -6.0];
         let kv = |data| KvView { data, row_stride: 2, head_stride: 2 };
-        let shape = AttentionShape { q_len: 1, kv_len: 1, n_heads: 2, n_kv_heads: 1, head_dim: 2, causal: true, start_pos: 0, scale: 1.0 };
+        let shape = AttentionShape {
+            q_len: 1,
+            kv_len: 1,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            causal: true,
+            start_pos: 0,
+            scale: 1.0,
+        };
         let mut out = vec![0.0; 4];
         attention(&q, kv(&k), kv(&v), &shape, &mut out).unwrap();
         assert_eq!(out, vec![5.0, -6.0, 5.0, -6.0]);
@@ -162,7 +192,16 @@ mod tests {
         let vals = |n: usize, salt: f32| (0..n).map(|i| ((i as f32 + salt) * 0.37).sin()).collect::<Vec<f32>>();
         let (q, k, v) = (vals(sq * nh * d, 1.0), vals(sk * nkv * d, 2.0), vals(sk * nkv * d, 3.0));
         let view = |data| KvView { data, row_stride: nkv * d, head_stride: d };
-        let shape = AttentionShape { q_len: sq, kv_len: sk, n_heads: nh, n_kv_heads: nkv, head_dim: d, causal: true, start_pos: start, scale: 0.3 };
+        let shape = AttentionShape {
+            q_len: sq,
+            kv_len: sk,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: d,
+            causal: true,
+            start_pos: start,
+            scale: 0.3,
+        };
         let mut by_heads = vec![0.0; q.len()];
         attention(&q, view(&k), view(&v), &shape, &mut by_heads).unwrap();
         // the same queries one call at a time take the query-by-query path
@@ -179,7 +218,16 @@ mod tests {
 
     #[test]
     fn heads_not_dividing_is_an_error() {
-        let shape = AttentionShape { q_len: 1, kv_len: 1, n_heads: 3, n_kv_heads: 2, head_dim: 2, causal: false, start_pos: 0, scale: 1.0 };
+        let shape = AttentionShape {
+            q_len: 1,
+            kv_len: 1,
+            n_heads: 3,
+            n_kv_heads: 2,
+            head_dim: 2,
+            causal: false,
+            start_pos: 0,
+            scale: 1.0,
+        };
         let z = [0.0f32; 8];
         let kv = KvView { data: &z, row_stride: 4, head_stride: 2 };
         assert!(attention(&[0.0; 6], kv, kv, &shape, &mut [0.0; 6]).is_err());

@@ -140,7 +140,8 @@ impl<'a> FewRowProduct<'a> {
         let row = |j: usize| self.weight[j * k..].as_ptr();
         let mut j = cols.start;
         while j + TILE_WEIGHTS <= cols.end {
-            let tile = dot_tile::<TILE_WEIGHTS, RX>(std::array::from_fn(|r| row(j + r)), inputs, k, self.head, TILE_PREFETCH);
+            let tile =
+                dot_tile::<TILE_WEIGHTS, RX>(std::array::from_fn(|r| row(j + r)), inputs, k, self.head, TILE_PREFETCH);
             for (r, values) in tile.iter().enumerate() {
                 for (c, &v) in values.iter().enumerate() {
                     *self.out.at((i + c) * n + j + r) = v;
@@ -176,7 +177,9 @@ pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], o
             tasks.push((&w[first * k..(first + chunk.len()) * k], chunk, head));
         }
     }
-    pool::install(|| tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head, Walk::STREAMING)));
+    pool::install(|| {
+        tasks.into_par_iter().for_each(|(w, chunk, head)| gemv_rows(x, w, chunk, k, head, Walk::STREAMING))
+    });
 }
 
 /// The smallest chunk `claim_guided` hands out.
@@ -205,8 +208,16 @@ pub fn linear_aligned(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: u
 /// does not touch `out`) on the calling thread once its share of the product, cut to match, is
 /// done: the other threads learn of the job a little later, so it tends to finish first.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_aligned_beside(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize,
-                             beside: &(dyn Fn() + Sync), beside_work: usize) {
+pub fn linear_aligned_beside(
+    x: &RowsAlignedLike,
+    weight: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    beside: &(dyn Fn() + Sync),
+    beside_work: usize,
+) {
     assert_eq!(weight.len(), n * k);
     assert_eq!(out.len(), m * n);
     if m == 0 {
@@ -299,7 +310,9 @@ mod tests {
         // of 16; one thread's answer must equal the split one's bit for bit, and one call's the
         // next one's.
         // The last two are larger than ZIGZAG_MAX_BYTES: the threads claim chunks as they go.
-        for &(m, k, n) in &[(1, 576, 1536), (1, 100, 1027), (13, 200, 301), (64, 784, 96), (1, 576, 4100), (3, 300, 7010)] {
+        for &(m, k, n) in
+            &[(1, 576, 1536), (1, 100, 1027), (13, 200, 301), (64, 784, 96), (1, 576, 4100), (3, 300, 7010)]
+        {
             let x = values(m * k, 4.0);
             let storage = values(n * k + 3, 5.0);
             for offset in [0, 1, 3] {

@@ -26,7 +26,11 @@ pub fn exp(x_in: f32) -> f32 {
     let y = e * f32::from_bits(((n_int + 127) << 23) as u32);
     // Exactly 0 below the range (masked attention scores are -inf): a tiny value here would
     // turn into subnormals downstream, which the FPU handles a hundred times slower.
-    if x_in < -87.0 { 0.0 } else { y }
+    if x_in < -87.0 {
+        0.0
+    } else {
+        y
+    }
 }
 
 /// Natural log for x > 0 (Cephes logf): x = m 2^e with m in [sqrt(1/2), sqrt(2)), then a

@@ -47,14 +47,36 @@ unsafe impl Sync for View {}
 /// Every view must address valid memory over its whole extent, `dst` must be writable there
 /// and must not overlap the inputs.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: *mut f32, dst_row_stride: usize, dst_col_stride: usize,
-                    lhs: View, rhs: View, par: gemm::Parallelism) {
+pub(crate) unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row_stride: usize,
+    dst_col_stride: usize,
+    lhs: View,
+    rhs: View,
+    par: gemm::Parallelism,
+) {
     gemm::gemm(
-        m, n, k,
-        dst, dst_col_stride as isize, dst_row_stride as isize, false,
-        lhs.ptr, lhs.col_stride as isize, lhs.row_stride as isize,
-        rhs.ptr, rhs.col_stride as isize, rhs.row_stride as isize,
-        0.0, 1.0, false, false, false,
+        m,
+        n,
+        k,
+        dst,
+        dst_col_stride as isize,
+        dst_row_stride as isize,
+        false,
+        lhs.ptr,
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.ptr,
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
         par,
     );
 }
@@ -66,11 +88,27 @@ pub(crate) unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: *mut f32, dst_
 /// `x` holds m*k values, `weight_rows` cols*k, and `out_cols` points at column `first` of an
 /// `[m, n]` buffer with `first + cols <= n`, owned by the caller for those columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn linear_gemm(x: *const f32, weight_rows: *const f32, out_cols: *mut f32, m: usize, k: usize, cols: usize,
-                      n: usize, par: gemm::Parallelism) {
-    gemm_into(cols, m, k, out_cols, 1, n,
-              View { ptr: weight_rows, row_stride: k, col_stride: 1 },
-              View { ptr: x, row_stride: 1, col_stride: k }, par);
+unsafe fn linear_gemm(
+    x: *const f32,
+    weight_rows: *const f32,
+    out_cols: *mut f32,
+    m: usize,
+    k: usize,
+    cols: usize,
+    n: usize,
+    par: gemm::Parallelism,
+) {
+    gemm_into(
+        cols,
+        m,
+        k,
+        out_cols,
+        1,
+        n,
+        View { ptr: weight_rows, row_stride: k, col_stride: 1 },
+        View { ptr: x, row_stride: 1, col_stride: k },
+        par,
+    );
 }
 
 /// `out[m, n] = a[m, k] @ b[k, n]`, all row-major.
@@ -105,7 +143,9 @@ fn product(a: &[f32], lhs: View, b: &[f32], out: &mut [f32], m: usize, k: usize,
     // Handing a product this small to the pool costs more than it saves.
     let par = if m * n * k < PARALLEL_PRODUCT_WORK { gemm::Parallelism::None } else { par };
     // SAFETY: `lhs` views `a` (checked above) and b is row-major [k, n].
-    let mut run = || unsafe { gemm_into(m, n, k, out.as_mut_ptr(), n, 1, lhs, View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par) };
+    let mut run = || unsafe {
+        gemm_into(m, n, k, out.as_mut_ptr(), n, 1, lhs, View { ptr: b.as_ptr(), row_stride: n, col_stride: 1 }, par)
+    };
     match par {
         gemm::Parallelism::None => run(),
         _ => pool::install(run),
@@ -123,14 +163,25 @@ fn linear_split_columns(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k:
     let threads = pool::pool().current_num_threads().max(1);
     let per_task = n.div_ceil(threads).div_ceil(SPLIT_COLUMNS_MIN_ROWS).max(1) * SPLIT_COLUMNS_MIN_ROWS;
     let dst = DisjointWrites(out.as_mut_ptr());
-    pool::install(|| (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        let first = task * per_task;
-        let cols = per_task.min(n - first);
-        // SAFETY: the column range lies inside `out` and belongs to this task alone.
-        unsafe {
-            linear_gemm(x.as_ptr(), weight.as_ptr().add(first * k), dst.at(first), m, k, cols, n, gemm::Parallelism::None);
-        }
-    }));
+    pool::install(|| {
+        (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
+            let first = task * per_task;
+            let cols = per_task.min(n - first);
+            // SAFETY: the column range lies inside `out` and belongs to this task alone.
+            unsafe {
+                linear_gemm(
+                    x.as_ptr(),
+                    weight.as_ptr().add(first * k),
+                    dst.at(first),
+                    m,
+                    k,
+                    cols,
+                    n,
+                    gemm::Parallelism::None,
+                );
+            }
+        })
+    });
 }
 
 /// `out[m, n] = x[m, k] @ weight[n, k]^T (+ bias[n])`: PyTorch's `nn.Linear`.
@@ -147,7 +198,9 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
         linear_split_columns(x, weight, out, m, k, n);
     } else {
         // SAFETY: the pointers describe the buffers checked above.
-        pool::install(|| unsafe { linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::Rayon(0)) });
+        pool::install(|| unsafe {
+            linear_gemm(x.as_ptr(), weight.as_ptr(), out.as_mut_ptr(), m, k, n, n, gemm::Parallelism::Rayon(0))
+        });
     }
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n);

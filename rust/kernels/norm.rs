@@ -13,13 +13,13 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     if dim == 0 || x.is_empty() {
         return;
     }
-    pool::install(|| out.par_chunks_mut(dim * ROWS_PER_TASK)
-        .zip(x.par_chunks(dim * ROWS_PER_TASK))
-        .for_each(|(out_rows, x_rows)| {
+    pool::install(|| {
+        out.par_chunks_mut(dim * ROWS_PER_TASK).zip(x.par_chunks(dim * ROWS_PER_TASK)).for_each(|(out_rows, x_rows)| {
             for (o, row) in out_rows.chunks_exact_mut(dim).zip(x_rows.chunks_exact(dim)) {
                 rms_norm_row(row, weight, eps, o);
             }
-        }));
+        })
+    });
 }
 
 #[inline]

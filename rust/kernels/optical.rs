@@ -8,8 +8,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use super::math::dispatch;
 use super::few_rows;
+use super::math::dispatch;
 use super::matmul::{self, DisjointWrites};
 use super::quantize::{check_bits, levels, quantize_scalar, quantize_slice};
 use super::rng::fill_normal_serial;
@@ -172,8 +172,16 @@ impl Layer<'_> {
             *first_noise.lock().unwrap_or_else(|e| e.into_inner()) = noise;
         };
         if self.p.noisy {
-            few_rows::linear_aligned_beside(&x_q, self.weight, out, batch, self.n_in, self.n_out, &draw_first_noise,
-                                          self.n_out * NORMAL_SAMPLE_WORK);
+            few_rows::linear_aligned_beside(
+                &x_q,
+                self.weight,
+                out,
+                batch,
+                self.n_in,
+                self.n_out,
+                &draw_first_noise,
+                self.n_out * NORMAL_SAMPLE_WORK,
+            );
         } else {
             few_rows::linear_aligned(&x_q, self.weight, out, batch, self.n_in, self.n_out);
         }
@@ -196,8 +204,14 @@ impl Layer<'_> {
         let row = self.out.slice(r * n, n);
         if p.noisy {
             let mean = sum(row) / n as f32;
-            add_drift_and_noise(row, noise, 1.0 - 0.8 * p.temp_drift, mean * p.temp_drift * 0.5,
-                                p.noise_level * p.noise_level, p.thermal_std * p.thermal_std);
+            add_drift_and_noise(
+                row,
+                noise,
+                1.0 - 0.8 * p.temp_drift,
+                mean * p.temp_drift * 0.5,
+                p.noise_level * p.noise_level,
+                p.thermal_std * p.thermal_std,
+            );
         }
         let mask = self.mask.as_ref().map_or(&mut [][..], |m| m.slice(r * n, n));
         attenuate_and_convert(row, mask, p.attenuation, self.levels, self.bias.unwrap_or(&[]));
@@ -266,7 +280,8 @@ pub fn optical_linear_backward(
     assert_eq!(x.len(), batch * n_in);
     assert_eq!(weight.len(), n_out * n_in);
     let levels = levels(precision);
-    let grad_s: Vec<f32> = grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
+    let grad_s: Vec<f32> =
+        grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
     let mut x_q = vec![0.0f32; x.len()];
     quantize_slice(x, levels, 0.0, 1.0, &mut x_q);
     let mut grad_w = vec![0.0f32; n_out * n_in];
@@ -286,7 +301,15 @@ mod tests {
     use super::*;
 
     fn params(noisy: bool) -> OpticalParams {
-        OpticalParams { precision: 8, noise_level: 0.1, temp_drift: 0.05, attenuation: 0.9, thermal_std: 0.005, noisy, seed: 3 }
+        OpticalParams {
+            precision: 8,
+            noise_level: 0.1,
+            temp_drift: 0.05,
+            attenuation: 0.9,
+            thermal_std: 0.005,
+            noisy,
+            seed: 3,
+        }
     }
 
     #[test]

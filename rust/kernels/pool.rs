@@ -4,7 +4,10 @@
 //! threads per process: a child starts its own, leaking the parent's, whose threads don't exist
 //! there (dropping them would wait for them).
 
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::{Acquire, Release, SeqCst}};
+use std::sync::atomic::{
+    AtomicPtr, AtomicUsize,
+    Ordering::{Acquire, Release, SeqCst},
+};
 use std::sync::{Mutex, Once};
 
 use rayon::ThreadPool;
@@ -43,7 +46,11 @@ pub(crate) struct PerProcess<T: 'static> {
 
 impl<T> PerProcess<T> {
     pub const fn new() -> Self {
-        PerProcess { value: AtomicPtr::new(std::ptr::null_mut()), built_by: AtomicUsize::new(0), build_lock: Mutex::new(()) }
+        PerProcess {
+            value: AtomicPtr::new(std::ptr::null_mut()),
+            built_by: AtomicUsize::new(0),
+            build_lock: Mutex::new(()),
+        }
     }
 
     pub fn get(&self, build: impl FnOnce() -> T) -> &'static T {
@@ -64,7 +71,9 @@ impl<T> PerProcess<T> {
 /// global pool would have.
 pub fn pool() -> &'static ThreadPool {
     static POOL: PerProcess<ThreadPool> = PerProcess::new();
-    POOL.get(|| rayon::ThreadPoolBuilder::new().thread_name(|i| format!("ellm-{i}")).build().expect("starting the thread pool"))
+    POOL.get(|| {
+        rayon::ThreadPoolBuilder::new().thread_name(|i| format!("ellm-{i}")).build().expect("starting the thread pool")
+    })
 }
 
 /// Runs `f` on this process's pool, so that its parallel regions run there.

@@ -84,7 +84,8 @@ mod x86 {
     /// `rand_xoshiro`, which the scalar path uses and the tests compare against).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn draw_lanes_avx512(states: &[[u64; 4]; LANES], top: &mut [i32], mid: &mut [i32]) {
-        let word = |w: usize| _mm512_loadu_si512(std::array::from_fn::<u64, LANES, _>(|l| states[l][w]).as_ptr().cast());
+        let word =
+            |w: usize| _mm512_loadu_si512(std::array::from_fn::<u64, LANES, _>(|l| states[l][w]).as_ptr().cast());
         let (mut s0, mut s1, mut s2, mut s3) = (word(0), word(1), word(2), word(3));
         let (one, low24) = (_mm512_set1_epi64(1), _mm512_set1_epi64(0xFF_FFFF));
         for step in 0..top.len() / LANES {
@@ -146,7 +147,9 @@ pub fn fill_normal_serial(out: &mut [f32], seed: u64, stream: u64) {
 
 /// The first `out.len()` samples of stream (seed, stream).
 pub fn fill_normal(out: &mut [f32], seed: u64, stream: u64) {
-    pool::install(|| out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, block)| fill_block(block, seed, stream, b as u64)));
+    pool::install(|| {
+        out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, block)| fill_block(block, seed, stream, b as u64))
+    });
 }
 
 #[cfg(test)]
@@ -197,4 +200,3 @@ mod tests {
         assert_ne!(&a[..5000], &b[..]);
     }
 }
-

@@ -12,9 +12,16 @@ use crate::error::{EllmError, Result};
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (all frequencies scaled alike).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 impl RopeScaling {
@@ -43,9 +50,7 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Result<Ve
     if theta.is_nan() || theta <= 0.0 {
         return Err(EllmError::Value(format!("rope theta must be positive, got {theta}")));
     }
-    let base: Vec<f64> = (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-        .collect();
+    let base: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
     let scaled: Vec<f64> = match *scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
@@ -76,13 +81,15 @@ pub fn cos_sin_table(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>, Vec<f3
     let half = inv_freq.len().max(1);
     let mut cos = vec![0.0f32; positions.len() * inv_freq.len()];
     let mut sin = vec![0.0f32; positions.len() * inv_freq.len()];
-    pool::install(|| cos.par_chunks_mut(half).zip(sin.par_chunks_mut(half)).zip(positions.par_iter()).for_each(|((c, s), &pos)| {
-        for ((c, s), &f) in c.iter_mut().zip(s.iter_mut()).zip(inv_freq) {
-            let (sn, cs) = ((pos as f32 * f) as f64).sin_cos();
-            *c = cs as f32;
-            *s = sn as f32;
-        }
-    }));
+    pool::install(|| {
+        cos.par_chunks_mut(half).zip(sin.par_chunks_mut(half)).zip(positions.par_iter()).for_each(|((c, s), &pos)| {
+            for ((c, s), &f) in c.iter_mut().zip(s.iter_mut()).zip(inv_freq) {
+                let (sn, cs) = ((pos as f32 * f) as f64).sin_cos();
+                *c = cs as f32;
+                *s = sn as f32;
+            }
+        })
+    });
     (cos, sin)
 }
 
@@ -107,12 +114,14 @@ pub fn rope(x: &mut [f32], positions: &[usize], n_heads: usize, head_dim: usize,
     }
     let (cos, sin) = cos_sin_table(positions, inv_freq);
     let half = head_dim / 2;
-    pool::install(|| x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(s, token)| {
-        let (c, sn) = (&cos[s * half..(s + 1) * half], &sin[s * half..(s + 1) * half]);
-        for head in token.chunks_exact_mut(head_dim) {
-            rotate_half(head, c, sn);
-        }
-    }));
+    pool::install(|| {
+        x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(s, token)| {
+            let (c, sn) = (&cos[s * half..(s + 1) * half], &sin[s * half..(s + 1) * half]);
+            for head in token.chunks_exact_mut(head_dim) {
+                rotate_half(head, c, sn);
+            }
+        })
+    });
 }
 
 #[cfg(test)]
@@ -133,7 +142,12 @@ mod tests {
 
     #[test]
     fn llama3_keeps_high_and_slows_low_frequencies() {
-        let s = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
         let plain = inv_freq(128, 500000.0, &RopeScaling::None).unwrap();
         let scaled = inv_freq(128, 500000.0, &s).unwrap();
         assert_eq!(plain[0], scaled[0]);

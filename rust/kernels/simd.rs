@@ -287,7 +287,10 @@ mod x86 {
             let (a, b) = (w[2 * k], w[2 * k + 1]);
             _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b))
         });
-        let z = _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(u[0], u[1]), _mm512_shuffle_ps::<0b11_01_11_01>(u[0], u[1]));
+        let z = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(u[0], u[1]),
+            _mm512_shuffle_ps::<0b11_01_11_01>(u[0], u[1]),
+        );
         // Lane 4 g + j of z is the sum of vector 4 j + g.
         let mut lanes = [0.0f32; 16];
         _mm512_storeu_ps(lanes.as_mut_ptr(), z);
@@ -330,7 +333,8 @@ mod tests {
     #[test]
     fn dot_tile_matches_dot_for_every_length_and_head() {
         for n in 0..40 {
-            let rows: Vec<Vec<f32>> = (0..5).map(|r| (0..n).map(|i| ((i * 7 + r) as f32 * 0.3).sin()).collect()).collect();
+            let rows: Vec<Vec<f32>> =
+                (0..5).map(|r| (0..n).map(|i| ((i * 7 + r) as f32 * 0.3).sin()).collect()).collect();
             let w = [rows[0].as_ptr(), rows[1].as_ptr(), rows[2].as_ptr()];
             let x = [rows[3].as_ptr(), rows[4].as_ptr()];
             for head in [0, 3, 15] {
@@ -368,9 +372,16 @@ mod tests {
             return;
         }
         for n in [0, 7, 8, 9, 31, 100] {
-            let rows: Vec<Vec<f32>> = (0..6).map(|r| (0..n).map(|i| ((i * 3 + r) as f32 * 0.7).sin()).collect()).collect();
+            let rows: Vec<Vec<f32>> =
+                (0..6).map(|r| (0..n).map(|i| ((i * 3 + r) as f32 * 0.7).sin()).collect()).collect();
             // SAFETY: the CPU has AVX2 and FMA (checked above); every row holds n floats.
-            let got = unsafe { x86::dot_tile_avx2::<2, 4>([rows[0].as_ptr(), rows[1].as_ptr()], std::array::from_fn(|c| rows[2 + c].as_ptr()), n) };
+            let got = unsafe {
+                x86::dot_tile_avx2::<2, 4>(
+                    [rows[0].as_ptr(), rows[1].as_ptr()],
+                    std::array::from_fn(|c| rows[2 + c].as_ptr()),
+                    n,
+                )
+            };
             for r in 0..2 {
                 for c in 0..4 {
                     assert!((got[r][c] - dot_portable(&rows[r], &rows[2 + c])).abs() < 1e-4, "n = {n}");
@@ -389,9 +400,11 @@ mod tests {
         let head = head(p[0]);
         // SAFETY: every row holds k floats.
         let (a, b, c) = unsafe {
-            (dot_tile::<4, 1>([p[0], p[1], p[2], p[3]], [p[7]], k, head, 0),
-             dot_tile::<2, 8>([p[0], p[1]], std::array::from_fn(|i| p[i]), k, head, 0),
-             dot_tile::<1, 1>([p[1]], [p[7]], k, head, 0))
+            (
+                dot_tile::<4, 1>([p[0], p[1], p[2], p[3]], [p[7]], k, head, 0),
+                dot_tile::<2, 8>([p[0], p[1]], std::array::from_fn(|i| p[i]), k, head, 0),
+                dot_tile::<1, 1>([p[1]], [p[7]], k, head, 0),
+            )
         };
         assert_eq!(a[0][0], b[0][7]);
         assert_eq!(a[1][0], b[1][7]);

@@ -38,11 +38,13 @@ dispatch! {
 pub fn softmax(x: &[f32], row_len: usize, out: &mut [f32]) {
     assert!(row_len > 0 && x.len().is_multiple_of(row_len) && out.len() == x.len());
     out.copy_from_slice(x);
-    pool::install(|| out.par_chunks_mut(row_len * ROWS_PER_TASK).for_each(|rows| {
-        for row in rows.chunks_exact_mut(row_len) {
-            softmax_in_place(row);
-        }
-    }));
+    pool::install(|| {
+        out.par_chunks_mut(row_len * ROWS_PER_TASK).for_each(|rows| {
+            for row in rows.chunks_exact_mut(row_len) {
+                softmax_in_place(row);
+            }
+        })
+    });
 }
 
 #[cfg(test)]

@@ -115,7 +115,8 @@ impl Team {
         // SAFETY: only the holder of `submit` writes `job`, and no helper reads it between jobs.
         // The lifetime is erased; `run` returns only after every helper is done with it.
         unsafe {
-            *self.job.get() = Some(std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), &'static Job>(job) as *const Job);
+            *self.job.get() =
+                Some(std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), &'static Job>(job) as *const Job);
         }
         self.pending.store(self.size - 1, SeqCst);
         self.generation.fetch_add(1, SeqCst);
@@ -192,7 +193,13 @@ pub fn share(len: usize, align: usize, part: usize, parts: usize) -> std::ops::R
 
 /// `share`, with the first part (the caller's) given about `lighter` fewer elements than the
 /// others (it has other work too).
-pub fn share_lighter_first(len: usize, align: usize, part: usize, parts: usize, lighter: usize) -> std::ops::Range<usize> {
+pub fn share_lighter_first(
+    len: usize,
+    align: usize,
+    part: usize,
+    parts: usize,
+    lighter: usize,
+) -> std::ops::Range<usize> {
     let bound = |p: usize| ((len + lighter) * p / parts).saturating_sub(lighter).next_multiple_of(align).min(len);
     bound(part)..bound(part + 1)
 }

@@ -65,7 +65,12 @@ fn linear(m: &Option<Matrix>, x: &[f32], rows: usize, bias: &Option<Vec<f32>>) -
 }
 
 /// Several projections of the same input, streamed together at decode.
-fn group<const N: usize>(mats: &[&Option<Matrix>; N], biases: &[&Option<Vec<f32>>; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
+fn group<const N: usize>(
+    mats: &[&Option<Matrix>; N],
+    biases: &[&Option<Vec<f32>>; N],
+    x: &[f32],
+    rows: usize,
+) -> [Vec<f32>; N] {
     let mats: Vec<&Matrix> = mats.iter().map(|m| m.as_ref().expect("checked by Llama::check_loaded")).collect();
     let biases: Vec<Option<&[f32]>> = biases.iter().map(|b| b.as_deref()).collect();
     linear_group(&mats, &biases, x, rows).try_into().expect("one output per matrix")
@@ -89,7 +94,13 @@ impl Llama {
         let inv_freq = rope::inv_freq(config.head_dim, config.rope_theta, &config.rope_scaling)?;
         let positions: Vec<usize> = (0..config.max_seq_len).collect();
         let (rope_cos, rope_sin) = rope::cos_sin_table(&positions, &inv_freq);
-        let cache = KvCache::new(config.num_layers, config.max_batch_size, config.num_kv_heads, config.max_seq_len, config.head_dim);
+        let cache = KvCache::new(
+            config.num_layers,
+            config.max_batch_size,
+            config.num_kv_heads,
+            config.max_seq_len,
+            config.head_dim,
+        );
         Ok(Llama { weights: Weights::empty(&config), config, cache, rope_cos, rope_sin, loaded: false })
     }
 
@@ -117,13 +128,19 @@ impl Llama {
     fn check_input(&self, tokens: &[u32], batch: usize, seq: usize, start_pos: usize) -> Result<()> {
         let c = &self.config;
         if tokens.len() != batch * seq || seq == 0 || batch == 0 {
-            return Err(EllmError::Value(format!("tokens must be [batch, seq] with both > 0, got {} ids for {batch}x{seq}", tokens.len())));
+            return Err(EllmError::Value(format!(
+                "tokens must be [batch, seq] with both > 0, got {} ids for {batch}x{seq}",
+                tokens.len()
+            )));
         }
         if batch > c.max_batch_size {
             return Err(EllmError::Value(format!("batch {batch} exceeds max_batch_size {}", c.max_batch_size)));
         }
         if start_pos + seq > c.max_seq_len {
-            return Err(EllmError::Value(format!("start_pos {start_pos} + seq {seq} exceeds max_seq_len {}", c.max_seq_len)));
+            return Err(EllmError::Value(format!(
+                "start_pos {start_pos} + seq {seq} exceeds max_seq_len {}",
+                c.max_seq_len
+            )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(EllmError::Value(format!("token id {bad} is out of range for vocab_size {}", c.vocab_size)));
@@ -170,7 +187,8 @@ impl Llama {
                 out
             }
             LogitsWanted::Last => {
-                let last: Vec<f32> = (0..batch).flat_map(|b| x[((b + 1) * seq - 1) * h..(b + 1) * seq * h].iter().copied()).collect();
+                let last: Vec<f32> =
+                    (0..batch).flat_map(|b| x[((b + 1) * seq - 1) * h..(b + 1) * seq * h].iter().copied()).collect();
                 let mut out = vec![0.0; batch * c.vocab_size];
                 head.linear(&last, batch, None, &mut out);
                 tap.seq = 1;
@@ -181,7 +199,15 @@ impl Llama {
         Ok(logits)
     }
 
-    fn layer(&mut self, l: usize, mut x: Vec<f32>, batch: usize, seq: usize, start_pos: usize, tap: &mut Tap) -> Result<Vec<f32>> {
+    fn layer(
+        &mut self,
+        l: usize,
+        mut x: Vec<f32>,
+        batch: usize,
+        seq: usize,
+        start_pos: usize,
+        tap: &mut Tap,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (d, rows, half) = (c.head_dim, batch * seq, c.head_dim / 2);
         let li = l as i32;
@@ -190,14 +216,16 @@ impl Llama {
         // Attention block.
         let xn = rms_norm(&x, &w.input_layernorm, c.rms_norm_eps);
         tap.emit(li, "input_layernorm", &xn, &[c.hidden_size])?;
-        let [mut q, mut k, v]: [Vec<f32>; 3] = group(&[&w.q_proj, &w.k_proj, &w.v_proj], &[&w.q_bias, &w.k_bias, &w.v_bias], &xn, rows);
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            group(&[&w.q_proj, &w.k_proj, &w.v_proj], &[&w.q_bias, &w.k_bias, &w.v_bias], &xn, rows);
         tap.emit(li, "q_after_proj", &q, &[c.num_heads, d])?;
         tap.emit(li, "k_after_proj", &k, &[c.num_kv_heads, d])?;
         tap.emit(li, "v_after_proj", &v, &[c.num_kv_heads, d])?;
 
         for r in 0..rows {
             let pos = start_pos + r % seq;
-            let (cos, sin) = (&self.rope_cos[pos * half..(pos + 1) * half], &self.rope_sin[pos * half..(pos + 1) * half]);
+            let (cos, sin) =
+                (&self.rope_cos[pos * half..(pos + 1) * half], &self.rope_sin[pos * half..(pos + 1) * half]);
             for head in q[r * c.q_dim()..(r + 1) * c.q_dim()].chunks_exact_mut(d) {
                 rope::rotate_half(head, cos, sin);
             }
@@ -227,7 +255,13 @@ impl Llama {
         let per_seq = seq * c.q_dim();
         for b in 0..batch {
             let (keys, values) = self.cache.views(l, b);
-            attention::attention(&q[b * per_seq..(b + 1) * per_seq], keys, values, &shape, &mut context[b * per_seq..(b + 1) * per_seq])?;
+            attention::attention(
+                &q[b * per_seq..(b + 1) * per_seq],
+                keys,
+                values,
+                &shape,
+                &mut context[b * per_seq..(b + 1) * per_seq],
+            )?;
         }
         tap.emit(li, "attention_context", &context, &[c.q_dim()])?;
         let attn_out = linear(&w.o_proj, &context, rows, &w.o_bias);

@@ -194,10 +194,6 @@ impl Weights {
 
     /// The names of the tensors not set yet.
     pub fn missing(&mut self, cfg: &LlamaConfig) -> Vec<String> {
-        expected_shapes(cfg)
-            .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| !self.slot(n).is_some_and(|s| s.is_set()))
-            .collect()
+        expected_shapes(cfg).into_iter().map(|(n, _)| n).filter(|n| !self.slot(n).is_some_and(|s| s.is_set())).collect()
     }
 }
