@@ -5,7 +5,6 @@ what ops.linear reaches, Rust against NumPy, hook overhead, peak RSS after loadi
 import os
 import resource
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from ellm import ModelFormatError, Transformer
+from ellm import ModelFormatError
 from ellm.metadata import (MetadataConfig, MetadataGenerator, ModelMetadata, estimate, generate_metadata,
                            measure_machine, plan_partition)
 from ellm.metadata.naming import block_of, layer_type
