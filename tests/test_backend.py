@@ -79,3 +79,25 @@ def test_a_forked_child_computes_after_the_parent_did():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0"
+
+
+@pytest.mark.skipif(not ellm.rust_available(), reason="needs the Rust core")
+def test_calls_from_several_threads_at_once_match_calls_one_by_one():
+    # The kernels release the GIL; while one call holds the team of threads, the others run
+    # their parts on the pool instead, and must give the same numbers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from ellm import ops
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((1536, 300)) * 0.05).astype(np.float32)
+    xs = [rng.random((rows, 300), dtype=np.float32) for rows in (1, 3, 32)]
+    opt = dict(precision=8, noise_level=0.1, temp_drift=0.05, attenuation=0.9, training=True, seed=4)
+    jobs = [(lambda x=x: ops.linear(x, w)) for x in xs] + [(lambda x=x: ops.optical_linear(x, w, **opt)) for x in xs]
+    alone = [job() for job in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: jobs[i % len(jobs)](), range(20 * len(jobs))))
+    for i, result in enumerate(together):
+        np.testing.assert_array_equal(result, alone[i % len(jobs)])
