@@ -94,13 +94,13 @@ pub fn optical_linear(
     };
     // SAFETY (each call below): the rows handed out are disjoint.
     if batch * n_in * n_out <= SERIAL_WORK {
-        unsafe { layer.rows(0..batch) };
+        unsafe { layer.whole_rows(0..batch) };
     } else if batch >= ROWS_PER_THREAD * pool::pool().current_num_threads() {
         // Each thread takes whole sample rows, so that it finishes them while they are in its
         // cache; the weights fit in each core's cache.
-        team::run(&|part, parts| unsafe { layer.rows(team::share(batch, 1, part, parts)) });
+        team::run(&|part, parts| unsafe { layer.whole_rows(team::share(batch, 1, part, parts)) });
     } else {
-        unsafe { layer.few_rows(batch) };
+        unsafe { layer.split_outputs(batch) };
     }
     if layer.non_finite.load(Relaxed) {
         return Err(EllmError::Value("optical_linear: x contains NaN or infinite values".into()));
@@ -143,7 +143,7 @@ impl Layer<'_> {
     ///
     /// # Safety
     /// Nobody else writes these rows (of the output and the mask) meanwhile.
-    unsafe fn rows(&self, rows: Range<usize>) {
+    unsafe fn whole_rows(&self, rows: Range<usize>) {
         let Some(x_q) = self.dac(rows.clone()) else { return };
         let out = self.out.slice(rows.start * self.n_out, rows.len() * self.n_out);
         few_rows::linear_aligned_serial(&x_q, self.weight, out, rows.len(), self.n_in, self.n_out);
@@ -157,12 +157,12 @@ impl Layer<'_> {
     }
 
     /// A batch too small to split by rows: the threads split the product's outputs instead, and
-    /// the rows are finished afterwards (a row's drift takes all its outputs). For a lone row,
-    /// one thread draws its noise while the others do more of the product.
+    /// the rows are finished afterwards (a row's drift takes all its outputs). The first row's
+    /// noise is drawn by the calling thread beside the product, whose share is cut to match.
     ///
     /// # Safety
     /// Nobody else writes the output or the mask meanwhile.
-    unsafe fn few_rows(&self, batch: usize) {
+    unsafe fn split_outputs(&self, batch: usize) {
         let Some(x_q) = self.dac(0..batch) else { return };
         let out = self.out.slice(0, batch * self.n_out);
         let first_noise = Mutex::new(Vec::new());
@@ -198,7 +198,7 @@ impl Layer<'_> {
     /// when not noisy), attenuation, the ADC and the digital bias.
     ///
     /// # Safety
-    /// As `rows`.
+    /// As `whole_rows`.
     unsafe fn finish_row(&self, r: usize, noise: &[f32]) {
         let (n, p) = (self.n_out, self.p);
         let row = self.out.slice(r * n, n);
