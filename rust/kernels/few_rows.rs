@@ -192,8 +192,9 @@ const ZIGZAG_MAX_BYTES: usize = 8 << 20;
 /// cost of handing half of it to another thread.
 const PARALLEL_GEMV_WORK: usize = 1 << 15;
 
-/// `linear` for a few input rows: the weights are streamed once, each thread taking a fixed
-/// share of the output columns (see `team`), or tasks of `GEMV_BYTES_PER_TASK` inside rayon.
+/// `linear` for a few input rows: the weights are streamed once, the threads of the team taking
+/// fixed shares of the output columns (cache-sized weights) or claiming chunks as they go (larger
+/// ones), or tasks of `GEMV_BYTES_PER_TASK` inside rayon.
 pub(crate) fn linear_few_rows(x: &[f32], weight: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     linear_aligned(&RowsAlignedLike::new(x, k, weight.as_ptr()), weight, out, m, k, n);
 }
