@@ -12,8 +12,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "get_backend", "set_backend", "rust_available", "__version__",
     "EllmError", "BackendWarning", "BackendUnavailableError", "ModelFormatError",
-    "ModelArgs", "Transformer", "Llama", "Tokenizer", "HookRegistry",
+    "ModelArgs", "Transformer", "Llama", "Tokenizer", "HookRegistry", "metadata", "optical",
 ]
+
+
+_SUBPACKAGES = ("metadata", "optical")
 
 
 def __getattr__(name: str):
@@ -33,4 +36,7 @@ def __getattr__(name: str):
     if name == "HookRegistry":
         from .hooks import HookRegistry
         return HookRegistry
+    if name in _SUBPACKAGES:  # `ellm.metadata.generate_metadata(...)` after a bare `import ellm`
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ellm' has no attribute {name!r}")

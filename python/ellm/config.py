@@ -1,4 +1,8 @@
-"""ModelArgs: a Llama model's shape, with Hugging Face LlamaConfig names and defaults."""
+"""ModelArgs: a Llama-family model's shape, with Hugging Face config names and defaults.
+
+One description covers every family ellm runs (llama, mistral, qwen2, qwen3): they are the same
+decoder with a few switches, which `ModelArgs` derives from the config the way transformers'
+modeling code does (see `FAMILY_DEFAULTS` and the properties below)."""
 
 from __future__ import annotations
 
@@ -8,9 +12,40 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ModelFormatError
 from .ops import rope_scaling_params
 
 SUPPORTED_ACTIVATIONS = ("silu",)
+
+# transformers' config defaults of each family, where they differ from LlamaConfig's (which are
+# ModelArgs' own): applied by `from_dict` to the keys a config leaves out.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "intermediate_size": 22016, "max_position_embeddings": 32768,
+              "bos_token_id": None, "eos_token_id": None, "use_sliding_window": False, "max_window_layers": 28},
+    "qwen3": {"vocab_size": 151936, "intermediate_size": 22016, "max_position_embeddings": 32768, "head_dim": 128,
+              "bos_token_id": None, "eos_token_id": None, "use_sliding_window": False, "max_window_layers": 28},
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# Config keys of other models that change the computation, with the values that leave it as ellm
+# computes it. Any other value is refused rather than silently ignored.
+_NEUTRAL_SWITCHES: dict[str, tuple] = {
+    "partial_rotary_factor": (None, 1, 1.0),
+    "attn_logit_softcapping": (None,),
+    "final_logit_softcapping": (None,),
+    "num_experts": (None, 0),
+    "num_local_experts": (None, 0),
+    "logits_scaling": (None, 1, 1.0),
+    "embedding_multiplier": (None, 1, 1.0),
+    "residual_multiplier": (None, 1, 1.0),
+    "attention_multiplier": (None,),
+    "use_qk_norm": (None, False),
+    "qk_layernorm": (None, False),
+}
 
 
 def _id_list(value: Any, name: str) -> list[int] | None:
@@ -49,6 +84,11 @@ class ModelArgs:
     max_seq_len: int | None = None
     max_batch_size: int = 4
     dtype: str = "float32"
+    model_type: str = "llama"
+    sliding_window: int | None = None
+    use_sliding_window: bool | None = None
+    max_window_layers: int | None = None
+    layer_types: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +102,39 @@ class ModelArgs:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // max(self.num_attention_heads, 1)
+
+    # ----- the family's switches, as transformers' modeling code reads them -----
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on q_proj, k_proj and v_proj: Qwen2 always has them, Mistral never."""
+        return {"qwen2": True, "mistral": False}.get(self.model_type, bool(self.attention_bias))
+
+    @property
+    def o_proj_bias(self) -> bool:
+        return False if self.model_type in ("qwen2", "mistral") else bool(self.attention_bias)
+
+    @property
+    def mlp_proj_bias(self) -> bool:
+        return bool(self.mlp_bias) if self.model_type == "llama" else False
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3's RMSNorm over each head of q and k, before rope."""
+        return self.model_type == "qwen3"
+
+    def layer_windows(self) -> list[int]:
+        """Each layer's sliding attention window; 0 where a layer attends to every earlier position."""
+        n = self.num_hidden_layers
+        if self.model_type == "mistral":
+            return [self.sliding_window or 0] * n
+        if self.model_type in ("qwen2", "qwen3"):
+            window = self.sliding_window if self.use_sliding_window else None
+            first_sliding = self.max_window_layers if self.max_window_layers is not None else 28
+            types = self.layer_types or ["sliding_attention" if window is not None and i >= first_sliding
+                                         else "full_attention" for i in range(n)]
+            return [window if kind == "sliding_attention" and window else 0 for kind in types]
+        return [0] * n
 
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.resolved_head_dim
@@ -91,7 +164,27 @@ class ModelArgs:
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {SUPPORTED_ACTIVATIONS}")
         rope_scaling_params(self.rope_scaling)
+        self._validate_family()
         return True
+
+    def _validate_family(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelFormatError(f"model_type {self.model_type!r} is not supported; ellm runs "
+                                   f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
+                raise ModelFormatError(f"layer_types must list one type per layer ({self.num_hidden_layers}), "
+                                       f"got {self.layer_types!r}")
+            unknown = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+            if unknown:
+                raise ModelFormatError(f"layer_types {unknown} are not supported; ellm runs {', '.join(LAYER_TYPES)}")
+        for key, neutral in _NEUTRAL_SWITCHES.items():
+            if key in self.extra and not any(self.extra[key] == v and type(self.extra[key]) is type(v)
+                                             for v in neutral):
+                raise ModelFormatError(f"config switch {key}={self.extra[key]!r} is not implemented by ellm")
 
     # ----- conversion -----
 
@@ -105,6 +198,8 @@ class ModelArgs:
         if not isinstance(d, dict):
             raise TypeError(f"ModelArgs.from_dict takes a dict, got {type(d).__name__}")
         d = dict(d)
+        for key, value in FAMILY_DEFAULTS.get(d.get("model_type", "llama"), {}).items():
+            d.setdefault(key, value)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         extra = dict(d.pop("extra", {}) or {})
         if "rope_parameters" in d and isinstance(d["rope_parameters"], dict):
@@ -155,7 +250,8 @@ class ModelArgs:
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.resolved_head_dim, "rms_norm_eps": float(self.rms_norm_eps),
             "rope_theta": float(self.rope_theta), "rope_scaling_kind": kind, "rope_scaling_params": params,
-            "attention_bias": bool(self.attention_bias), "mlp_bias": bool(self.mlp_bias),
+            "qkv_bias": self.qkv_bias, "o_bias": self.o_proj_bias, "mlp_bias": self.mlp_proj_bias,
+            "qk_norm": self.qk_norm, "layer_windows": self.layer_windows(),
             "tie_word_embeddings": bool(self.tie_word_embeddings), "max_seq_len": self.max_seq_len,
             "max_batch_size": self.max_batch_size,
         }
@@ -169,12 +265,15 @@ class ModelArgs:
             shapes[p + "input_layernorm.weight"] = (h,)
             for proj, out_dim, in_dim in (("q", q, h), ("k", kv, h), ("v", kv, h), ("o", h, q)):
                 shapes[f"{p}self_attn.{proj}_proj.weight"] = (out_dim, in_dim)
-                if self.attention_bias:
+                if self.o_proj_bias if proj == "o" else self.qkv_bias:
                     shapes[f"{p}self_attn.{proj}_proj.bias"] = (out_dim,)
+            if self.qk_norm:
+                shapes[p + "self_attn.q_norm.weight"] = (self.resolved_head_dim,)
+                shapes[p + "self_attn.k_norm.weight"] = (self.resolved_head_dim,)
             shapes[p + "post_attention_layernorm.weight"] = (h,)
             for proj, out_dim, in_dim in (("gate", i, h), ("up", i, h), ("down", h, i)):
                 shapes[f"{p}mlp.{proj}_proj.weight"] = (out_dim, in_dim)
-                if self.mlp_bias:
+                if self.mlp_proj_bias:
                     shapes[f"{p}mlp.{proj}_proj.bias"] = (out_dim,)
         shapes["model.norm.weight"] = (h,)
         if not self.tie_word_embeddings:

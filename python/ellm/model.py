@@ -57,6 +57,12 @@ def as_token_array(sequences: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def _ignorable(name: str, args: ModelArgs) -> bool:
+    """Tensors a checkpoint may hold that carry no weights of their own, as transformers skips
+    them: old saves' rope buffers, and an output head tied to the embedding."""
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_word_embeddings)
+
+
 class Transformer:
     """A Llama-family decoder. Build with `Transformer(args)` and `load_state_dict`, or with
     `Transformer.from_pretrained(path)` (a Hugging Face folder or a .gguf file)."""
@@ -143,6 +149,11 @@ class Transformer:
         missing = [n for n in expected if n not in ckpt.tensors]
         if missing:
             raise ModelFormatError(f"{path}: tensors missing: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        unexpected = [n for n in ckpt.tensors if n not in expected and not _ignorable(n, args)]
+        if unexpected:
+            raise ModelFormatError(f"{path}: tensors this {args.model_type} config has no place for (ellm does not "
+                                   f"drop weights it was given): {', '.join(unexpected[:8])}"
+                                   + (" ..." if len(unexpected) > 8 else ""))
         for name, shape in expected.items():
             if ckpt.tensors[name].shape != shape:
                 raise ModelFormatError(f"{path}: tensor {name!r} has shape {ckpt.tensors[name].shape}, expected {shape}")

@@ -88,7 +88,9 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-5) -> np.ndarray:
 
 
 def rope_scaling_params(scaling: Mapping[str, Any] | None) -> tuple[str, list[float]]:
-    """A Hugging Face `rope_scaling` dict as (kind, [factor, low, high, original_max]) for the kernels."""
+    """A Hugging Face `rope_scaling` dict as (kind, params) for the kernels: [factor, low, high,
+    original_max] for "linear" and "llama3"; for "freq_factors" (llama.cpp's `rope_freqs` tensor,
+    as a GGUF file stores Llama 3 scaling) the divisor of each frequency."""
     if scaling is None:
         return "none", [1.0, 1.0, 1.0, 1.0]
     if not isinstance(scaling, Mapping):
@@ -96,6 +98,11 @@ def rope_scaling_params(scaling: Mapping[str, Any] | None) -> tuple[str, list[fl
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return "none", [1.0, 1.0, 1.0, 1.0]
+    if kind == "freq_factors":
+        factors = [float(f) for f in scaling.get("factors", ())]
+        if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
+            raise ValueError("rope scaling 'freq_factors' needs a non-empty list of positive 'factors'")
+        return "freq_factors", factors
     try:
         factor = float(scaling["factor"])
         if kind == "linear":
@@ -106,7 +113,7 @@ def rope_scaling_params(scaling: Mapping[str, Any] | None) -> tuple[str, list[fl
             return "llama3", params
     except KeyError as exc:
         raise ValueError(f"rope scaling {kind!r} needs the key {exc.args[0]!r}") from None
-    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'linear', 'llama3'")
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'linear', 'llama3', 'freq_factors'")
 
 
 def rope(x: Any, positions: Any, theta: float = 10000.0, scaling: Mapping[str, Any] | None = None) -> np.ndarray:
@@ -147,12 +154,14 @@ def softmax(x: Any, axis: int = -1) -> np.ndarray:
     return np.moveaxis(_impl().softmax(moved), -1, axis)
 
 
-def attention(q: Any, k: Any, v: Any, *, causal: bool = True, start_pos: int = 0, scale: float | None = None) -> np.ndarray:
+def attention(q: Any, k: Any, v: Any, *, causal: bool = True, start_pos: int = 0, scale: float | None = None,
+              window: int | None = None) -> np.ndarray:
     """Scaled dot-product attention with grouped-query heads.
 
     q `[sq, n_heads, d]`, k and v `[sk, n_kv_heads, d]`; n_heads must be a multiple of
     n_kv_heads. With `causal`, query i sits at position `start_pos + i` and sees keys
-    `0 ..= start_pos + i`. Returns `[sq, n_heads, d]`.
+    `0 ..= start_pos + i`; with a sliding `window` too, only the last `window` of them.
+    Returns `[sq, n_heads, d]`.
     """
     q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[2] != k.shape[2]:
@@ -167,8 +176,10 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = True, start_pos: int = 0
     if causal and q.shape[0] and start_pos + q.shape[0] > k.shape[0]:
         raise ValueError(f"attention: causal queries at positions {start_pos}..{start_pos + q.shape[0] - 1} "
                          f"need {start_pos + q.shape[0]} keys, got k {k.shape}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0):
+        raise ValueError(f"attention: window must be a positive int or None, got {window!r}")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    return _impl().attention(q, k, v, bool(causal), int(start_pos), scale)
+    return _impl().attention(q, k, v, bool(causal), int(start_pos), scale, int(window or 0))
 
 
 def quantize(x: Any, bits: int, min_val: float = 0.0, max_val: float = 1.0) -> np.ndarray:

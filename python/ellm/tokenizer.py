@@ -24,12 +24,21 @@ def _byte_level_pre_tokenizer(pre: str):
                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     if pre in ("default", "gpt2", "gpt-2"):
         return pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if pre in ("llama3", "llama-bpe"):
-        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+    if pre in _SPLIT_PATTERNS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLIT_PATTERNS[pre]), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    raise ModelFormatError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: smollm, default, gpt2, llama-bpe")
+    raise ModelFormatError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: smollm, default, gpt2, "
+                           f"{', '.join(_SPLIT_PATTERNS)}")
+
+
+# The split regex of each pre-tokenizer llama.cpp names (Llama 3 groups up to 3 digits, Qwen2 one).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT_PATTERNS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "qwen2": _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"),
+}
 
 
 def _render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra: Any) -> str:

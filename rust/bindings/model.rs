@@ -30,8 +30,8 @@ fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyR
 
 fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
     let kind: String = get(d, "rope_scaling_kind")?;
-    let p: [f64; 4] = get(d, "rope_scaling_params")?;
-    let rope_scaling = RopeScaling::from_parts(&kind, p).map_err(super::to_py_err)?;
+    let p: Vec<f64> = get(d, "rope_scaling_params")?;
+    let rope_scaling = RopeScaling::from_parts(&kind, &p).map_err(super::to_py_err)?;
     Ok(LlamaConfig {
         vocab_size: get(d, "vocab_size")?,
         hidden_size: get(d, "hidden_size")?,
@@ -43,7 +43,10 @@ fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
         rms_norm_eps: get(d, "rms_norm_eps")?,
         rope_theta: get(d, "rope_theta")?,
         rope_scaling,
-        attention_bias: get(d, "attention_bias")?,
+        qkv_bias: get(d, "qkv_bias")?,
+        o_bias: get(d, "o_bias")?,
+        qk_norm: get(d, "qk_norm")?,
+        layer_windows: get(d, "layer_windows")?,
         mlp_bias: get(d, "mlp_bias")?,
         tie_word_embeddings: get(d, "tie_word_embeddings")?,
         max_seq_len: get(d, "max_seq_len")?,

@@ -98,7 +98,7 @@ fn rope_py<'py>(
     positions: Vec<i64>,
     theta: f64,
     scaling_kind: &str,
-    scaling_params: [f64; 4],
+    scaling_params: Vec<f64>,
 ) -> Out<'py> {
     let sx = shape_of(&x);
     expect_rank(&sx, 3, "x")?;
@@ -109,7 +109,7 @@ fn rope_py<'py>(
         return Err(PyValueError::new_err("rope: positions must be >= 0"));
     }
     let positions: Vec<usize> = positions.into_iter().map(|p| p as usize).collect();
-    let scaling = rope::RopeScaling::from_parts(scaling_kind, scaling_params).map_err(super::to_py_err)?;
+    let scaling = rope::RopeScaling::from_parts(scaling_kind, &scaling_params).map_err(super::to_py_err)?;
     let xs = slice(&x, "x")?;
     let out = compute(py, || {
         let freqs = rope::inv_freq(sx[2], theta, &scaling)?;
@@ -166,7 +166,7 @@ fn softmax_py<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>) -> Out<'py>
 }
 
 #[pyfunction]
-#[pyo3(name = "attention", signature = (q, k, v, causal, start_pos, scale))]
+#[pyo3(name = "attention", signature = (q, k, v, causal, start_pos, scale, window=0))]
 fn attention_py<'py>(
     py: Python<'py>,
     q: PyReadonlyArrayDyn<'py, f32>,
@@ -175,6 +175,7 @@ fn attention_py<'py>(
     causal: bool,
     start_pos: usize,
     scale: f32,
+    window: usize,
 ) -> Out<'py> {
     let (sq, sk, sv) = (shape_of(&q), shape_of(&k), shape_of(&v));
     expect_rank(&sq, 3, "q")?;
@@ -191,6 +192,7 @@ fn attention_py<'py>(
         causal,
         start_pos,
         scale,
+        window,
     };
     let (qs, ks, vs) = (slice(&q, "q")?, slice(&k, "k")?, slice(&v, "v")?);
     let view = |data| attention::KvView { data, row_stride: sk[1] * sk[2], head_stride: sk[2] };

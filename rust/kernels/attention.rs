@@ -36,6 +36,9 @@ pub struct AttentionShape {
     pub causal: bool,
     pub start_pos: usize,
     pub scale: f32,
+    /// Sliding-window attention: a causal query sees only its last `window` keys (itself
+    /// included). 0 means no window.
+    pub window: usize,
 }
 
 impl AttentionShape {
@@ -58,14 +61,15 @@ impl AttentionShape {
         Ok(())
     }
 
-    /// How many keys query i sees.
+    /// The keys query i sees: `first..end`.
     #[inline]
-    fn visible(&self, i: usize) -> usize {
-        if self.causal {
-            self.start_pos + i + 1
-        } else {
-            self.kv_len
+    fn visible(&self, i: usize) -> std::ops::Range<usize> {
+        if !self.causal {
+            return 0..self.kv_len;
         }
+        let end = self.start_pos + i + 1;
+        let first = if self.window > 0 { end.saturating_sub(self.window) } else { 0 };
+        first..end
     }
 }
 
@@ -96,12 +100,12 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
             let (i, h) = (idx / shape.n_heads, idx % shape.n_heads);
             let g = h / group;
             let qv = &q[idx * d..(idx + 1) * d];
-            let n = shape.visible(i);
+            let keys = shape.visible(i);
             scores.clear();
-            scores.extend((0..n).map(|t| dot(qv, k.vector(t, g, d)) * shape.scale));
+            scores.extend(keys.clone().map(|t| dot(qv, k.vector(t, g, d)) * shape.scale));
             softmax_in_place(scores);
             o.fill(0.0);
-            for (t, &p) in scores.iter().enumerate() {
+            for (t, &p) in keys.zip(scores.iter()) {
                 axpy(p, v.vector(t, g, d), o);
             }
         })
@@ -140,7 +144,8 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
             }
             for (i, r) in scores.chunks_exact_mut(sk).enumerate() {
                 let visible = shape.visible(i);
-                r[visible..].fill(f32::NEG_INFINITY);
+                r[..visible.start].fill(f32::NEG_INFINITY);
+                r[visible.end..].fill(f32::NEG_INFINITY);
                 softmax_in_place(r);
             }
             unsafe {
@@ -179,6 +184,7 @@ mod tests {
             causal: true,
             start_pos: 0,
             scale: 1.0,
+            window: 0,
         };
         let mut out = vec![0.0; 4];
         attention(&q, kv(&k), kv(&v), &shape, &mut out).unwrap();
@@ -201,18 +207,52 @@ mod tests {
             causal: true,
             start_pos: start,
             scale: 0.3,
+            window: 0,
         };
-        let mut by_heads = vec![0.0; q.len()];
-        attention(&q, view(&k), view(&v), &shape, &mut by_heads).unwrap();
-        // the same queries one call at a time take the query-by-query path
-        let mut one_by_one = vec![0.0; q.len()];
-        for i in 0..sq {
-            let s1 = AttentionShape { q_len: 1, start_pos: start + i, kv_len: start + i + 1, ..shape };
-            let span = i * nh * d..(i + 1) * nh * d;
-            attention(&q[span.clone()], view(&k), view(&v), &s1, &mut one_by_one[span]).unwrap();
+        for window in [0, 3, 7] {
+            let shape = AttentionShape { window, ..shape };
+            let mut by_heads = vec![0.0; q.len()];
+            attention(&q, view(&k), view(&v), &shape, &mut by_heads).unwrap();
+            // the same queries one call at a time take the query-by-query path
+            let mut one_by_one = vec![0.0; q.len()];
+            for i in 0..sq {
+                let s1 = AttentionShape { q_len: 1, start_pos: start + i, kv_len: start + i + 1, ..shape };
+                let span = i * nh * d..(i + 1) * nh * d;
+                attention(&q[span.clone()], view(&k), view(&v), &s1, &mut one_by_one[span]).unwrap();
+            }
+            for (a, b) in by_heads.iter().zip(&one_by_one) {
+                assert!((a - b).abs() < 1e-5, "window {window}: {a} vs {b}");
+            }
         }
-        for (a, b) in by_heads.iter().zip(&one_by_one) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+
+    #[test]
+    fn window_of_one_sees_only_its_own_position() {
+        let (sq, nh, d) = (20, 2, 4); // 20 queries take the GEMM path, 1 the query-by-query one
+        let q: Vec<f32> = (0..sq * nh * d).map(|i| (i as f32 * 0.1).cos()).collect();
+        let k: Vec<f32> = (0..sq * d).map(|i| (i as f32 * 0.3).sin()).collect();
+        let v: Vec<f32> = (0..sq * d).map(|i| i as f32).collect();
+        let view = |data| KvView { data, row_stride: d, head_stride: d };
+        let shape = AttentionShape {
+            q_len: sq,
+            kv_len: sq,
+            n_heads: nh,
+            n_kv_heads: 1,
+            head_dim: d,
+            causal: true,
+            start_pos: 0,
+            scale: 1.0,
+            window: 1,
+        };
+        for q_len in [sq, 1] {
+            let s = AttentionShape { q_len, ..shape };
+            let mut out = vec![0.0; q_len * nh * d];
+            attention(&q[..q_len * nh * d], view(&k), view(&v), &s, &mut out).unwrap();
+            for i in 0..q_len {
+                for h in 0..nh {
+                    assert_eq!(&out[(i * nh + h) * d..(i * nh + h + 1) * d], &v[i * d..(i + 1) * d]);
+                }
+            }
         }
     }
 
@@ -227,6 +267,7 @@ mod tests {
             causal: false,
             start_pos: 0,
             scale: 1.0,
+            window: 0,
         };
         let z = [0.0f32; 8];
         let kv = KvView { data: &z, row_stride: 4, head_stride: 2 };

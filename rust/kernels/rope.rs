@@ -22,21 +22,39 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Each frequency divided by its own factor: llama.cpp's `rope_freqs` tensor, which is how
+    /// its converter writes Llama 3 scaling into a GGUF file.
+    FreqFactors(Vec<f64>),
 }
 
 impl RopeScaling {
-    /// From the flat form the Python side passes: kind "none", "linear" or "llama3" and
-    /// [factor, low_freq_factor, high_freq_factor, original_max_position_embeddings].
-    pub fn from_parts(kind: &str, p: [f64; 4]) -> Result<Self> {
+    /// From the flat form the Python side passes: kind "none", "linear" or "llama3" with
+    /// [factor, low_freq_factor, high_freq_factor, original_max_position_embeddings], or
+    /// "freq_factors" with one factor per frequency.
+    pub fn from_parts(kind: &str, p: &[f64]) -> Result<Self> {
+        let need = |n: usize| {
+            if p.len() == n {
+                Ok(())
+            } else {
+                Err(EllmError::Value(format!("rope scaling {kind:?} takes {n} parameters, got {}", p.len())))
+            }
+        };
         Ok(match kind {
             "none" => RopeScaling::None,
-            "linear" => RopeScaling::Linear { factor: p[0] },
-            "llama3" => RopeScaling::Llama3 {
-                factor: p[0],
-                low_freq_factor: p[1],
-                high_freq_factor: p[2],
-                original_max_position_embeddings: p[3],
-            },
+            "linear" => {
+                need(4)?;
+                RopeScaling::Linear { factor: p[0] }
+            }
+            "llama3" => {
+                need(4)?;
+                RopeScaling::Llama3 {
+                    factor: p[0],
+                    low_freq_factor: p[1],
+                    high_freq_factor: p[2],
+                    original_max_position_embeddings: p[3],
+                }
+            }
+            "freq_factors" => RopeScaling::FreqFactors(p.to_vec()),
             other => return Err(EllmError::Value(format!("unsupported rope scaling {other:?}"))),
         })
     }
@@ -51,10 +69,20 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Result<Ve
         return Err(EllmError::Value(format!("rope theta must be positive, got {theta}")));
     }
     let base: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
-    let scaled: Vec<f64> = match *scaling {
+    let scaled: Vec<f64> = match scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+        RopeScaling::FreqFactors(factors) => {
+            if factors.len() != base.len() {
+                return Err(EllmError::Value(format!(
+                    "rope frequency factors: {} given for {} frequencies (head_dim {head_dim})",
+                    factors.len(),
+                    base.len()
+                )));
+            }
+            base.iter().zip(factors).map(|(f, s)| f / s).collect()
+        }
+        &RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
             let low_freq_wavelen = old / low_freq_factor;
             let high_freq_wavelen = old / high_freq_factor;
             base.iter()

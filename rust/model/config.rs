@@ -15,7 +15,14 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f32,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
-    pub attention_bias: bool,
+    /// Biases on the q, k and v projections (Qwen2 always; Llama and Qwen3 with attention_bias).
+    pub qkv_bias: bool,
+    /// A bias on the output projection (Llama and Qwen3 with attention_bias; never Qwen2).
+    pub o_bias: bool,
+    /// Qwen3: an RMSNorm over each head of q and k, before rope.
+    pub qk_norm: bool,
+    /// Each layer's sliding attention window (0: the layer attends to every earlier position).
+    pub layer_windows: Vec<usize>,
     pub mlp_bias: bool,
     pub tie_word_embeddings: bool,
     pub max_seq_len: usize,
@@ -52,6 +59,13 @@ impl LlamaConfig {
             return Err(EllmError::Value(format!(
                 "num_attention_heads ({}) must be divisible by num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.layer_windows.len() != self.num_layers {
+            return Err(EllmError::Value(format!(
+                "layer_windows has {} entries for {} layers",
+                self.layer_windows.len(),
+                self.num_layers
             )));
         }
         if !self.head_dim.is_multiple_of(2) {

@@ -2,6 +2,10 @@
 //! embed -> for each layer { RMSNorm -> attention with rope and the KV cache -> residual ->
 //! RMSNorm -> SwiGLU MLP -> residual } -> RMSNorm -> logits.
 //!
+//! The Llama-shaped families differ only in switches of `LlamaConfig`: biases on q/k/v and on
+//! the output projection (Qwen2), a per-head RMSNorm of q and k before rope (Qwen3), and a
+//! sliding attention window per layer (Mistral, Qwen2).
+//!
 //! Activations are row-major `[batch * seq, features]`. Named hook points let a caller look at
 //! the intermediate tensors; with no hooks nothing is formatted or copied.
 
@@ -222,6 +226,11 @@ impl Llama {
         tap.emit(li, "k_after_proj", &k, &[c.num_kv_heads, d])?;
         tap.emit(li, "v_after_proj", &v, &[c.num_kv_heads, d])?;
 
+        if c.qk_norm {
+            // Qwen3: every head of q and k is RMS-normalized on its own before rope.
+            q = rms_norm(&q, &w.q_norm, c.rms_norm_eps);
+            k = rms_norm(&k, &w.k_norm, c.rms_norm_eps);
+        }
         for r in 0..rows {
             let pos = start_pos + r % seq;
             let (cos, sin) =
@@ -251,6 +260,7 @@ impl Llama {
             causal: true,
             start_pos,
             scale: 1.0 / (d as f32).sqrt(),
+            window: c.layer_windows[l],
         };
         let per_seq = seq * c.q_dim();
         for b in 0..batch {

@@ -70,6 +70,9 @@ pub struct LayerWeights {
     pub k_bias: Option<Vec<f32>>,
     pub v_bias: Option<Vec<f32>>,
     pub o_bias: Option<Vec<f32>>,
+    /// Qwen3's per-head norms of q and k (`[head_dim]`); empty where the model has none.
+    pub q_norm: Vec<f32>,
+    pub k_norm: Vec<f32>,
     pub post_attention_layernorm: Vec<f32>,
     pub gate_proj: Option<Matrix>,
     pub up_proj: Option<Matrix>,
@@ -99,11 +102,17 @@ pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         add("self_attn.k_proj.weight", vec![kv, h]);
         add("self_attn.v_proj.weight", vec![kv, h]);
         add("self_attn.o_proj.weight", vec![h, q]);
-        if cfg.attention_bias {
+        if cfg.qkv_bias {
             add("self_attn.q_proj.bias", vec![q]);
             add("self_attn.k_proj.bias", vec![kv]);
             add("self_attn.v_proj.bias", vec![kv]);
+        }
+        if cfg.o_bias {
             add("self_attn.o_proj.bias", vec![h]);
+        }
+        if cfg.qk_norm {
+            add("self_attn.q_norm.weight", vec![cfg.head_dim]);
+            add("self_attn.k_norm.weight", vec![cfg.head_dim]);
         }
         add("post_attention_layernorm.weight", vec![h]);
         add("mlp.gate_proj.weight", vec![i, h]);
@@ -164,6 +173,8 @@ impl Weights {
             "self_attn.k_proj.bias" => Slot::Bias(&mut l.k_bias),
             "self_attn.v_proj.bias" => Slot::Bias(&mut l.v_bias),
             "self_attn.o_proj.bias" => Slot::Bias(&mut l.o_bias),
+            "self_attn.q_norm.weight" => Slot::Vector(&mut l.q_norm),
+            "self_attn.k_norm.weight" => Slot::Vector(&mut l.k_norm),
             "mlp.gate_proj.weight" => Slot::Matrix(&mut l.gate_proj),
             "mlp.up_proj.weight" => Slot::Matrix(&mut l.up_proj),
             "mlp.down_proj.weight" => Slot::Matrix(&mut l.down_proj),

@@ -31,6 +31,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 def inv_freq(head_dim: int, theta: float, kind: str, params: list[float]) -> np.ndarray:
     """The head_dim/2 rotation frequencies after `rope_scaling` (see rust/kernels/rope.rs)."""
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if kind == "freq_factors":
+        if len(params) != len(freqs):
+            raise ValueError(f"rope frequency factors: {len(params)} given for {len(freqs)} frequencies "
+                             f"(head_dim {head_dim})")
+        return (freqs / np.asarray(params, dtype=np.float64)).astype(F32)
     factor, low, high, old = params
     if kind == "linear":
         freqs = freqs / factor
@@ -81,7 +86,8 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, start_pos: int, scale: float) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, start_pos: int, scale: float,
+              window: int = 0) -> np.ndarray:
     sq, n_heads, _ = q.shape
     sk, n_kv, _ = k.shape
     group = n_heads // n_kv
@@ -89,7 +95,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, start_p
     vh = np.repeat(v, group, axis=1).transpose(1, 0, 2)
     scores = np.matmul(q.transpose(1, 0, 2), kh.transpose(0, 2, 1)) * F32(scale)  # [n_heads, sq, sk]
     if causal:
-        visible = np.arange(sk)[None, :] <= (start_pos + np.arange(sq))[:, None]
+        query_pos = (start_pos + np.arange(sq))[:, None]
+        visible = np.arange(sk)[None, :] <= query_pos
+        if window:
+            visible &= np.arange(sk)[None, :] > query_pos - window
         scores = np.where(visible[None], scores, F32(-np.inf))
     return np.matmul(softmax(scores), vh).transpose(1, 0, 2).astype(F32, copy=False)
 

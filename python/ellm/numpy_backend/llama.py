@@ -23,6 +23,7 @@ class NumpyLlama:
         self.head_dim = args.resolved_head_dim
         kind, params = rope_scaling_params(args.rope_scaling)
         self.inv_freq = K.inv_freq(self.head_dim, args.rope_theta, kind, params)
+        self.windows = args.layer_windows()
         shape = (args.num_hidden_layers, args.max_batch_size, args.num_key_value_heads, args.max_seq_len, self.head_dim)
         self.cache_k = np.zeros(shape, dtype=np.float32)
         self.cache_v = np.zeros(shape, dtype=np.float32)
@@ -92,6 +93,9 @@ class NumpyLlama:
         emit(n("q_after_proj"), i, q, (a.num_attention_heads, d))
         emit(n("k_after_proj"), i, k, (a.num_key_value_heads, d))
         emit(n("v_after_proj"), i, v, (a.num_key_value_heads, d))
+        if a.qk_norm:  # Qwen3: each head of q and k normalized on its own, before rope
+            q = K.rms_norm(q, w("self_attn.q_norm.weight"), a.rms_norm_eps)
+            k = K.rms_norm(k, w("self_attn.k_norm.weight"), a.rms_norm_eps)
         q, k = K.rotate_half(q, cos, sin), K.rotate_half(k, cos, sin)
         emit(n("q_after_rope"), i, q, (a.num_attention_heads, d))
         emit(n("k_after_rope"), i, k, (a.num_key_value_heads, d))
@@ -101,7 +105,7 @@ class NumpyLlama:
         self.cache_v[i, :batch, :, start_pos:end] = v.transpose(0, 2, 1, 3)
         context = np.stack([
             K.attention(q[b], self.cache_k[i, b, :, :end].transpose(1, 0, 2), self.cache_v[i, b, :, :end].transpose(1, 0, 2),
-                        True, start_pos, 1.0 / np.sqrt(d))
+                        True, start_pos, 1.0 / np.sqrt(d), self.windows[i])
             for b in range(batch)
         ]).reshape(batch * seq, -1)
         emit(n("attention_context"), i, context, (a.q_dim(),))
