@@ -65,7 +65,7 @@ def llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray:
 
 
 def convert(folder: str, out: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-            extra_tensors: dict[str, np.ndarray] | None = None) -> str:
+            extra_tensors: dict[str, np.ndarray] | None = None, sliding_window: int | None = None) -> str:
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
         config = json.load(fh)
     tensors = load_file(os.path.join(folder, "model.safetensors"))
@@ -85,6 +85,8 @@ def convert(folder: str, out: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQ
     w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"<t{i}>" for i in range(config["vocab_size"])])
     w.add_token_types([gguf.TokenType.NORMAL] * config["vocab_size"])

@@ -128,6 +128,16 @@ def test_sliding_window_matches_transformers(family, backend):
     assert tokens == [cut_at_eos(r) for r in ref[f"{family}_greedy_ids"].tolist()]
 
 
+def test_gguf_sliding_window_key_applies_to_every_layer(tmp_path):
+    ref = np.load(os.path.join(ARCHS, "sliding.npz"))
+    assert json.loads(str(ref["mistral_config"])) == {"sliding_window": 4}
+    path = convert(folder("mistral"), str(tmp_path / "swa.gguf"), sliding_window=4)
+    model = load(path, "rust")
+    assert model.model_args.layer_windows() == [4, 4]
+    logits = model.forward(golden("mistral")["input_ids"])
+    assert np.abs(logits - ref["mistral_logits"]).max() < 1e-4
+
+
 def test_ops_attention_window_matches_a_masked_reference():
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((n, h, 8)).astype(np.float32) for n, h in ((20, 4), (26, 2), (26, 2)))
