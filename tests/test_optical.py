@@ -130,7 +130,7 @@ def test_ste_backward_against_finite_differences():
     layer, probe = make(), make().eval()
     layer.weight[:] = rng.uniform(-0.3, 0.3, layer.weight.shape)
     x = rng.uniform(0.05, 0.95, (3, 6)).astype(np.float32)
-    x[0, 0] = 1.3  # outside the DAC range: no gradient there
+    x[0, 0] = 1.3  # above the DAC range: only a gradient that lowers it passes
     g = rng.standard_normal((3, 5)).astype(np.float32)
     y = layer.train()(x, noisy=False)
     # compare only outputs well inside the ADC range, where the quantizer is (nearly) the identity
@@ -149,8 +149,11 @@ def test_ste_backward_against_finite_differences():
         xp[idx] += eps
         xm[idx] -= eps
         num_gx[idx] = (loss(xp, layer.weight) - loss(xm, layer.weight)) / (2 * eps)
+    through = g * layer.profile.attenuation
+    want_00 = float((through @ layer.weight)[0, 0])
+    assert grad_x[0, 0] == pytest.approx(want_00 if want_00 > 0 else 0.0, abs=1e-6)
+    num_gx[0, 0] = grad_x[0, 0]  # the clip's own derivative there is 0; the STE's rule is checked above
     np.testing.assert_allclose(grad_x, num_gx, atol=2e-3)
-    assert grad_x[0, 0] == 0.0
     num_gw = np.zeros_like(layer.weight)
     for idx in np.ndindex(layer.weight.shape):
         wp, wm = layer.weight.copy(), layer.weight.copy()
@@ -159,6 +162,44 @@ def test_ste_backward_against_finite_differences():
         num_gw[idx] = (loss(x, wp) - loss(x, wm)) / (2 * eps)
     np.testing.assert_allclose(layer.grad_weight, num_gw, atol=2e-3)
     np.testing.assert_allclose(layer.grad_bias, g.sum(axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["rust", "numpy"], indirect=True)
+def test_clipped_values_pass_only_the_gradient_back_into_range(backend):
+    """Mask 0/1/2 = below/inside/above [0, 1]; outside the range a clip passes a gradient only
+    when a descent step (value -= lr * grad) moves the value back in."""
+    rng = np.random.default_rng(8)
+    x = rng.uniform(-0.5, 1.5, (40, 16)).astype(np.float32)
+    w = rng.uniform(-0.4, 0.6, (12, 16)).astype(np.float32)
+    kw = dict(precision=8, attenuation=0.9)
+    _, mask = ops.optical_linear(x, w, None, noise_level=0.0, temp_drift=0.0, training=False, seed=0,
+                                 return_mask=True, **kw)
+    analog = ops.quantize(x, 8) @ w.T * np.float32(0.9)
+    assert set(np.unique(mask)) == {0, 1, 2}
+    np.testing.assert_array_equal(mask, np.where(analog > 1, 2, np.where(analog >= 0, 1, 0)))
+    g = rng.standard_normal(mask.shape).astype(np.float32)
+    gx, gw = ops.optical_linear_backward(g, x, w, mask, **kw)
+
+    def inward(side_is_below, side_is_above, grad):
+        return np.where(~(side_is_below | side_is_above) | (side_is_below & (grad < 0)) | (side_is_above & (grad > 0)),
+                        grad, 0)
+
+    gs = inward(mask == 0, mask == 2, g) * np.float32(0.9)
+    np.testing.assert_allclose(gw, gs.T @ ops.quantize(x, 8), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gx, inward(x < 0, x > 1, gs @ w), rtol=1e-4, atol=1e-4)
+    assert (gs == 0).any() and (gs[mask != 1] != 0).any()  # both kinds occur outside the range
+
+
+def test_plain_training_does_not_stall_on_clipped_outputs():
+    """Blocking every gradient outside the ADC range left classes stuck below 0: this run reached
+    0.75 clean accuracy that way, and 0.92 with the inward rule."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X, y = (d.data / 16.0).astype(np.float32), d.target
+    trainer = NoiseAwareTrainer([64, 128, 10], noise_aware=False, seed=0)
+    trainer.fit(X[:1300], y[:1300], epochs=10, batch_size=32)
+    assert trainer.evaluate(X[1300:], y[1300:], noisy=False)["clean_accuracy"] > 0.9
 
 
 @pytest.mark.parametrize("backend", ["rust", "numpy"], indirect=True)

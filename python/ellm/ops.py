@@ -219,8 +219,8 @@ def optical_linear(
 ):
     """The fused optical layer (see `ellm.optical`): DAC, product, drift and noise (training),
     attenuation, ADC, bias. x `[..., in]` (NaN or infinite values raise ValueError), weight
-    `[out, in]`. With `return_mask`, also the uint8 mask of outputs whose analog value was inside
-    the ADC range (for the STE backward)."""
+    `[out, in]`. With `return_mask`, also a uint8 mask of where each output's analog value fell
+    against the ADC range, 0 below, 1 inside, 2 above (for the STE backward)."""
     x, w = _f32(x, "x"), _f32(weight, "weight")
     if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"optical_linear: x {x.shape} and weight {w.shape} do not fit (x [..., in], weight [out, in])")

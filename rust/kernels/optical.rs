@@ -242,13 +242,13 @@ dispatch! {
 
 dispatch! {
     /// Attenuation, the ADC and the bias; `mask` (empty when not wanted) records where the
-    /// analog value was inside the ADC range.
+    /// analog value was against the ADC range (`RangeSide`).
     fn attenuate_and_convert(row: &mut [f32], mask: &mut [u8], attenuation: f32, levels: f32, bias: &[f32]) {
         for s in row.iter_mut() {
             *s *= attenuation;
         }
         for (m, &s) in mask.iter_mut().zip(row.iter()) {
-            *m = (0.0..=1.0).contains(&s) as u8;
+            *m = RangeSide::of(s) as u8;
         }
         for s in row.iter_mut() {
             *s = quantize_scalar(*s, levels, 0.0, 1.0);
@@ -259,9 +259,54 @@ dispatch! {
     }
 }
 
-/// The straight-through backward of `optical_linear`: each quantizer passes the gradient where
-/// its input was inside [0, 1] and blocks it elsewhere, drift and noise count as constants, and
-/// attenuation scales it. Returns (grad_x `[batch, n_in]`, grad_weight `[n_out, n_in]`).
+/// Where a value fell against a converter's [0, 1] range; the forward's mask holds these.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum RangeSide {
+    /// Below 0, or NaN.
+    Below = 0,
+    Inside = 1,
+    Above = 2,
+}
+
+impl RangeSide {
+    #[inline]
+    pub fn of(v: f32) -> Self {
+        if v > 1.0 {
+            RangeSide::Above
+        } else if v >= 0.0 {
+            RangeSide::Inside
+        } else {
+            RangeSide::Below
+        }
+    }
+
+    /// The straight-through gradient of a clip to [0, 1]: the whole gradient inside the range;
+    /// outside it, only a gradient whose descent step moves the value back in. (Blocking it
+    /// there, the clip's true derivative, leaves a clipped output with no way back: a correct
+    /// class stuck below 0 can never be raised, and plain training stalls.)
+    #[inline]
+    pub fn pass(self, grad: f32) -> f32 {
+        match self {
+            RangeSide::Inside => grad,
+            RangeSide::Below if grad < 0.0 => grad,
+            RangeSide::Above if grad > 0.0 => grad,
+            _ => 0.0,
+        }
+    }
+
+    fn from_mask(m: u8) -> Self {
+        match m {
+            1 => RangeSide::Inside,
+            2 => RangeSide::Above,
+            _ => RangeSide::Below,
+        }
+    }
+}
+
+/// The straight-through backward of `optical_linear`: each converter (DAC, ADC) passes the
+/// gradient as `RangeSide::pass` says, drift and noise count as constants, and attenuation
+/// scales it. Returns (grad_x `[batch, n_in]`, grad_weight `[n_out, n_in]`).
 #[allow(clippy::too_many_arguments)]
 pub fn optical_linear_backward(
     grad_y: &[f32],
@@ -281,7 +326,7 @@ pub fn optical_linear_backward(
     assert_eq!(weight.len(), n_out * n_in);
     let levels = levels(precision);
     let grad_s: Vec<f32> =
-        grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| if m != 0 { g * attenuation } else { 0.0 }).collect();
+        grad_y.iter().zip(pre_adc_mask).map(|(&g, &m)| RangeSide::from_mask(m).pass(g) * attenuation).collect();
     let mut x_q = vec![0.0f32; x.len()];
     quantize_slice(x, levels, 0.0, 1.0, &mut x_q);
     let mut grad_w = vec![0.0f32; n_out * n_in];
@@ -289,9 +334,7 @@ pub fn optical_linear_backward(
     let mut grad_x = vec![0.0f32; batch * n_in];
     matmul::matmul(&grad_s, weight, &mut grad_x, batch, n_out, n_in);
     for (g, &v) in grad_x.iter_mut().zip(x) {
-        if !(0.0..=1.0).contains(&v) {
-            *g = 0.0;
-        }
+        *g = RangeSide::of(v).pass(*g);
     }
     Ok((grad_x, grad_w))
 }

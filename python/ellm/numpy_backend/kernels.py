@@ -184,13 +184,28 @@ def optical_linear(x, weight, bias, precision, noise_level, temp_drift, attenuat
     y = quantize(analog, precision, 0.0, 1.0)
     if bias is not None:
         y = y + bias
-    mask = ((analog >= 0) & (analog <= 1)).astype(np.uint8) if want_mask else None
+    mask = range_side(analog) if want_mask else None
     return y.astype(F32, copy=False), mask
+
+
+# Where a value fell against a converter's [0, 1] range (rust/kernels/optical.rs `RangeSide`).
+BELOW, INSIDE, ABOVE = 0, 1, 2
+
+
+def range_side(v: np.ndarray) -> np.ndarray:
+    return np.where(v > 1, ABOVE, np.where(v >= 0, INSIDE, BELOW)).astype(np.uint8)
+
+
+def pass_gradient(side: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """A clip's straight-through gradient: all of it inside the range; outside, only a gradient
+    whose descent step moves the value back in."""
+    keep = (side == INSIDE) | ((side == BELOW) & (grad < 0)) | ((side == ABOVE) & (grad > 0))
+    return np.where(keep, grad, F32(0))
 
 
 def optical_linear_backward(grad_y, x, weight, pre_adc_mask, precision, attenuation):
     """Straight-through gradients of `optical_linear`: (grad_x, grad_weight)."""
-    grad_s = grad_y * pre_adc_mask * F32(attenuation)
+    grad_s = pass_gradient(pre_adc_mask, grad_y) * F32(attenuation)
     grad_w = grad_s.T @ quantize(x, precision, 0.0, 1.0)
-    grad_x = (grad_s @ weight) * ((x >= 0) & (x <= 1))
+    grad_x = pass_gradient(range_side(x), grad_s @ weight)
     return grad_x.astype(F32, copy=False), grad_w.astype(F32, copy=False)
