@@ -17,34 +17,47 @@ from .profiles import DEFAULT_PROFILE, HardwareProfile, resolve_profile
 _MASK64 = (1 << 64) - 1
 
 
-def _call_seed(seed: int, call: int) -> int:
-    """The noise seed of the layer's `call`-th noisy forward (SplitMix64 of the pair)."""
+def call_seed(seed: int, call: int) -> int:
+    """The noise seed of a layer's `call`-th noisy forward (SplitMix64 of the pair)."""
     z = (seed + (call + 1) * 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
 
 
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return seed
+
+
+def check_features(in_features, out_features) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def initial_parameters(in_features: int, out_features: int, bias: bool, seed: int):
+    """(weight, bias or None) of a layer seeded with `seed`: torch.nn.Linear's init (Kaiming-uniform
+    with a = sqrt(5), so bound 1/sqrt(fan_in), and the same bound for the bias) drawn from NumPy."""
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / math.sqrt(in_features)
+    weight = rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32)
+    return weight, (rng.uniform(-bound, bound, out_features).astype(np.float32) if bias else None)
+
+
 class OpticalLinear:
     def __init__(self, in_features: int, out_features: int, hardware_profile: str | HardwareProfile = DEFAULT_PROFILE,
                  precision: int | None = None, noise_level: float | None = None, temp_drift: float | None = None,
                  bias: bool = False, seed: int | None = None) -> None:
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_features(in_features, out_features)
         self.in_features, self.out_features = in_features, out_features
         self.profile = resolve_profile(hardware_profile, precision=precision, noise_level=noise_level,
                                        temp_drift=temp_drift)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy) & _MASK64
-        if not isinstance(seed, int) or not 0 <= seed <= _MASK64:
-            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-        self.seed = seed
-        rng = np.random.default_rng(seed)
-        # torch.nn.Linear's init: Kaiming-uniform with a = sqrt(5) gives bound 1/sqrt(fan_in)
-        bound = 1.0 / math.sqrt(in_features)
-        self.weight = rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32)
-        self.bias = rng.uniform(-bound, bound, out_features).astype(np.float32) if bias else None
+        self.seed = check_seed(seed)
+        self.weight, self.bias = initial_parameters(in_features, out_features, bias, seed)
         self.training = True
         self.grad_weight: np.ndarray | None = None
         self.grad_bias: np.ndarray | None = None
@@ -69,7 +82,7 @@ class OpticalLinear:
         noisy = self.training if noisy is None else bool(noisy)
         seed = 0
         if noisy:
-            seed = _call_seed(self.seed, self._calls)
+            seed = call_seed(self.seed, self._calls)
             self._calls += 1
         p = self.profile
         y, mask = ops.optical_linear(x, self.weight, self.bias, precision=p.precision, noise_level=p.noise_level,
