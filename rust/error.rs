@@ -8,6 +8,9 @@ pub enum EllmError {
     /// A hook callback failed; the bindings keep the Python exception itself.
     #[error("a hook callback raised an exception")]
     Hook,
+    /// More memory than can be had. Python: MemoryError.
+    #[error("{0}")]
+    Memory(String),
 }
 
 pub type Result<T> = std::result::Result<T, EllmError>;

@@ -15,3 +15,8 @@ class ModelFormatError(EllmError, ValueError):
 
 class BackendWarning(UserWarning):
     """Emitted once when ellm falls back from Rust to NumPy."""
+
+
+class ModelBusyError(EllmError, RuntimeError):
+    """A model asked to run while the same thread is already running it: a second generation
+    interleaved with an unfinished one, or a call from inside one of its own hooks."""

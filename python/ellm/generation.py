@@ -150,6 +150,7 @@ class Llama:
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=self.seed if seed is None else seed,
                         repetition_penalty=repetition_penalty)
         stops = _stop_list(stop)
+        max_gen_len = self._max_gen(max_gen_len)
         if isinstance(prompt, str):
             ids = self._encode_text(prompt)
             if stream:

@@ -6,16 +6,18 @@ The API follows Meta's llama `model.py`/`generation.py` (`forward(tokens, start_
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ._backend import get_backend
 from .config import ModelArgs
-from .errors import ModelFormatError
+from .errors import ModelBusyError, ModelFormatError
 from .hooks import HookRegistry, hook_point_names
 from .sampling import apply_repetition_penalty, log_softmax, sample
 
@@ -57,6 +59,23 @@ def as_token_array(sequences: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def _prompt_ids(prompt: Any) -> list[int]:
+    """A prompt's token ids, refusing what `forward` refuses (floats, bools, strings)."""
+    ids = list(prompt)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"token ids must be integers, got {t!r}")
+    return [int(t) for t in ids]
+
+
+def _check_layer_count(args: ModelArgs, tensors: Mapping[str, Any], path: Any) -> None:
+    """A config's layer count against the layers the file holds, before anything loops over them."""
+    present = {int(n.split(".")[2]) for n in tensors if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if args.num_hidden_layers != len(present) or (present and max(present) != len(present) - 1):
+        raise ModelFormatError(f"{path}: the config declares {args.num_hidden_layers} layers, the file holds "
+                               f"{len(present)} (numbered up to {max(present, default=-1)})")
+
+
 def _ignorable(name: str, args: ModelArgs) -> bool:
     """Tensors a checkpoint may hold that carry no weights of their own, as transformers skips
     them: old saves' rope buffers, and an output head tied to the embedding."""
@@ -65,7 +84,14 @@ def _ignorable(name: str, args: ModelArgs) -> bool:
 
 class Transformer:
     """A Llama-family decoder. Build with `Transformer(args)` and `load_state_dict`, or with
-    `Transformer.from_pretrained(path)` (a Hugging Face folder or a .gguf file)."""
+    `Transformer.from_pretrained(path)` (a Hugging Face folder or a .gguf file).
+
+    Threads: a model runs one call at a time. `forward` holds it for one step and `generate` (and
+    each `generate_steps` stream) for the whole generation, since a generation owns the KV cache
+    from its first step to its last; calls from other threads wait their turn, with the GIL
+    released. The same thread starting a second generation before its first one ends, or calling
+    the model from one of its own hooks, gets `ModelBusyError`. Different models run in parallel.
+    A step that fails (a hook's exception, Ctrl-C) leaves the KV cache as it was."""
 
     def __init__(self, args: ModelArgs) -> None:
         if not isinstance(args, ModelArgs):
@@ -79,6 +105,9 @@ class Transformer:
         self._registry: HookRegistry | None = None
         self._prefix = ""
         self.last_timings: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._owner: int | None = None        # thread holding the model
+        self._hook_thread: int | None = None  # thread running one of its hooks
 
     @property
     def config(self) -> ModelArgs:
@@ -93,23 +122,54 @@ class Transformer:
 
         return NumpyLlama(self.model_args)
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the model: wait for another thread's call to finish; refuse the same thread."""
+        me = threading.get_ident()
+        if me == self._hook_thread:
+            raise ModelBusyError("the model was called from one of its own hooks while running a step; "
+                                 "a hook may look at tensors but not run the model")
+        if me == self._owner:
+            raise ModelBusyError("this thread is already running a generation on this model (an unfinished "
+                                 "stream?): finish or close it first, or use another model")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
     # ----- loading -----
 
-    def _install(self, tensors: Iterable[tuple[str, Callable[[], Any]]], complete: bool) -> None:
+    def _install(self, tensors: Iterable[tuple[str, Callable[[], Any]]]) -> None:
         """Fill a new engine tensor by tensor; swap it in only when every tensor went in."""
         engine = self._new_engine()
         for name, get in tensors:
             array = _as_float32(get(), name)
             engine.set_weight(name, array)
             del array
-        if complete:
-            engine.check_loaded()
-        self._engine = engine
-        self.weights_loaded = complete
+        engine.check_loaded()
+        with self._exclusive():
+            self._engine = engine
+            self.weights_loaded = True
+
+    def _update(self, tensors: dict[str, Any]) -> None:
+        """Replace some tensors of the current engine (all converted first, so a bad one changes
+        nothing); the others, and the KV cache, stay."""
+        arrays = {name: _as_float32(value, name) for name, value in tensors.items()}
+        with self._exclusive():
+            for name, array in arrays.items():
+                self._engine.set_weight(name, array)
+            try:
+                self._engine.check_loaded()
+                self.weights_loaded = True
+            except ValueError:
+                self.weights_loaded = False
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Load Hugging Face-named tensors (NumPy arrays, torch tensors, anything with __array__).
-        On any error the previous weights stay in place."""
+        With strict=False a subset updates only those tensors. On any error the previous weights
+        stay in place."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
         expected = self.model_args.expected_shapes()
@@ -126,8 +186,10 @@ class Transformer:
             if name in state_dict and _shape_of(state_dict[name]) != expected[name]:
                 raise ValueError(f"load_state_dict: {name!r} has shape {_shape_of(state_dict[name])}, "
                                  f"expected {expected[name]}")
-        present = [n for n in expected if n in state_dict]
-        self._install(((n, lambda n=n: state_dict[n]) for n in present), complete=not missing)
+        if missing:  # strict=False with a subset: update those tensors, keep every other one
+            self._update({n: state_dict[n] for n in expected if n in state_dict})
+        else:
+            self._install((n, lambda n=n: state_dict[n]) for n in expected)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, max_seq_len: int | None = None,
@@ -144,7 +206,7 @@ class Transformer:
         if max_batch_size is not None:
             args.max_batch_size = max_batch_size
         args.max_seq_len = min(max_seq_len, args.max_position_embeddings) if max_seq_len else args.max_seq_len
-        model = cls(args)
+        _check_layer_count(args, ckpt.tensors, path)
         expected = args.expected_shapes()
         missing = [n for n in expected if n not in ckpt.tensors]
         if missing:
@@ -157,10 +219,11 @@ class Transformer:
         for name, shape in expected.items():
             if ckpt.tensors[name].shape != shape:
                 raise ModelFormatError(f"{path}: tensor {name!r} has shape {ckpt.tensors[name].shape}, expected {shape}")
+        model = cls(args)  # the engine and its cache are built only once the tensors fit the config
         names: Iterable[str] = list(expected)
         if progress is not None:
             names = progress(names)
-        model._install(((n, lambda n=n: ckpt.load(n)) for n in names), complete=True)
+        model._install((n, lambda n=n: ckpt.load(n)) for n in names)
         model.source = os.fspath(path)
         return model
 
@@ -190,7 +253,11 @@ class Transformer:
             return None, None
 
         def call(point: str, tensor: np.ndarray, layer: int) -> None:
-            registry.call_hook(self._public_name(point), tensor, layer)
+            self._hook_thread = threading.get_ident()
+            try:
+                registry.call_hook(self._public_name(point), tensor, layer)
+            finally:
+                self._hook_thread = None
 
         return call, enabled
 
@@ -212,6 +279,7 @@ class Transformer:
             raise ValueError(f"token id {int(bad[0])} is out of range for vocab_size {a.vocab_size}")
 
     def _step(self, tokens: np.ndarray, start_pos: int, all_logits: bool) -> np.ndarray:
+        """One engine call; the caller holds the model."""
         self._check_tokens(tokens, start_pos)
         hook, names = self._hook_args()
         return self._engine.forward(tokens, int(start_pos), all_logits, hook, names)
@@ -219,12 +287,30 @@ class Transformer:
     def forward(self, sequences: Any, start_pos: int = 0) -> np.ndarray:
         """Logits `[batch, seq, vocab]` (float32) of every position; sequence b's tokens sit at
         positions start_pos.. and the KV cache keeps them for later calls."""
-        return self._step(as_token_array(sequences), start_pos, all_logits=True)
+        tokens = as_token_array(sequences)
+        with self._exclusive():
+            return self._step(tokens, start_pos, all_logits=True)
 
     __call__ = forward
 
     def reset_cache(self) -> None:
-        self._engine.reset_cache()
+        with self._exclusive():
+            self._engine.reset_cache()
+
+    def _non_finite_report(self, tokens: np.ndarray, start_pos: int) -> str:
+        """Runs the failed step again with every layer's output watched, to name where the
+        values first stopped being finite (the step rewrites the same cache positions)."""
+        first: list[str] = []
+
+        def watch(point: str, tensor: np.ndarray, layer: int) -> None:
+            if not first and not np.isfinite(tensor).all():
+                first.append(point)
+
+        names = {p for p in self.hook_points() if p == "embed_tokens" or p.endswith("_output") or p == "final_norm"}
+        self._engine.forward(tokens, int(start_pos), False, watch, names)
+        where = f"first at {first[0]}" if first else "only in the output head"
+        return (f"the model produced NaN or infinite logits at positions {start_pos}..{start_pos + tokens.shape[1] - 1} "
+                f"({where}); its weights or inputs hold non-finite or overflowing values")
 
     def generate(
         self,
@@ -265,10 +351,20 @@ class Transformer:
     ) -> Generator[np.ndarray, None, tuple[list[list[int]], list[list[float]] | None]]:
         """`generate` one step at a time: yields the ids chosen at each step (-1 for a sequence
         still reading its prompt) and returns what `generate` returns. Streaming uses it."""
+        with self._exclusive():
+            return (yield from self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs,
+                                                    echo, seed, stop_tokens, repetition_penalty))
+
+    def _generate_steps(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, seed, stop_tokens,
+                        repetition_penalty):
         a = self.model_args
-        prompts = [list(map(int, p)) for p in prompt_tokens]
+        prompts = [_prompt_ids(p) for p in prompt_tokens]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one non-empty prompt")
+        if max_gen_len is None:
+            max_gen_len = a.max_seq_len - 1
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, (int, np.integer)):
+            raise TypeError(f"max_gen_len must be an int or None, got {max_gen_len!r}")
         if len(prompts) > a.max_batch_size:
             raise ValueError(f"{len(prompts)} prompts exceed max_batch_size {a.max_batch_size}")
         if max_gen_len < 0:
@@ -276,8 +372,12 @@ class Transformer:
         if repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
         min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
-        if max_len > a.max_seq_len:
-            raise ValueError(f"a prompt of {max_len} tokens exceeds max_seq_len {a.max_seq_len}")
+        if max_len > a.max_seq_len or (max_len == a.max_seq_len and max_gen_len > 0):
+            raise ValueError(f"a prompt of {max_len} tokens with max_seq_len {a.max_seq_len} leaves no room to "
+                             "generate")
+        bad = [t for p in prompts for t in p if not 0 <= t < a.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for vocab_size {a.vocab_size}")
         total_len = min(a.max_seq_len, max_gen_len + max_len)
         pad = 0
         tokens = np.full((len(prompts), total_len), pad, dtype=np.int64)
@@ -306,6 +406,8 @@ class Transformer:
                 logits = all_logits[:, -1]
             else:
                 logits = self._step(chunk, prev, all_logits=False)
+            if not np.isfinite(logits).all():
+                raise FloatingPointError(self._non_finite_report(chunk, prev))
             if repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, [tokens[b, :cur] for b in range(len(prompts))], repetition_penalty)
             chosen = sample(logits, temperature, top_p, top_k, rng)

@@ -23,6 +23,7 @@ pub(crate) fn to_py_err(e: EllmError) -> PyErr {
     match e {
         EllmError::Value(msg) => PyValueError::new_err(msg),
         EllmError::Hook => PyRuntimeError::new_err("a hook callback failed"),
+        EllmError::Memory(msg) => pyo3::exceptions::PyMemoryError::new_err(msg),
     }
 }
 

@@ -1,9 +1,12 @@
 //! `ellm._lowlevel.LlamaEngine`: the Rust decoder, one call per step.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
 use numpy::{PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -54,12 +57,18 @@ fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
     })
 }
 
-/// Calls back into Python for the hook points named in `enabled`.
-struct PyHooks {
-    callback: Py<PyAny>,
+/// Calls back into Python for the hook points named in `enabled` (none without a registry), and
+/// stops the step between layers once `cancel` is set (Ctrl-C seen by the calling thread).
+struct PyHooks<'c> {
+    callback: Option<Py<PyAny>>,
     enabled: HashSet<String>,
     error: Option<PyErr>,
+    cancel: &'c AtomicBool,
 }
+
+/// How often the calling thread looks for Python signals while a step runs: Python runs signal
+/// handlers only on its main thread, which waits here while the pool does the step.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 
 fn point_name(layer: i32, point: &str) -> String {
     if layer < 0 {
@@ -69,22 +78,31 @@ fn point_name(layer: i32, point: &str) -> String {
     }
 }
 
-impl Hooks for PyHooks {
+impl Hooks for PyHooks<'_> {
     fn wants(&self, layer: i32, point: &str) -> bool {
-        self.enabled.contains(&point_name(layer, point))
+        !self.enabled.is_empty() && self.enabled.contains(&point_name(layer, point))
     }
 
     fn fire(&mut self, layer: i32, point: &str, data: &[f32], shape: &[usize]) -> Result<()> {
+        let Some(callback) = &self.callback else { return Ok(()) };
         let name = point_name(layer, point);
         let outcome = Python::attach(|py| -> PyResult<()> {
             let array = to_array(py, data.to_vec(), shape)?;
-            self.callback.call1(py, (name, array, layer))?;
+            callback.call1(py, (name, array, layer))?;
             Ok(())
         });
         outcome.map_err(|e| {
             self.error = Some(e);
             EllmError::Hook
         })
+    }
+
+    fn interrupted(&mut self) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            Err(EllmError::Hook) // the calling thread holds the signal's exception
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -133,21 +151,44 @@ impl LlamaEngine {
             .map(|&t| if (0..vocab as i64).contains(&t) { Ok(t as u32) } else { Err(t) })
             .collect::<std::result::Result<_, _>>()
             .map_err(|t| PyValueError::new_err(format!("token id {t} is out of range for vocab_size {vocab}")))?;
-        let mut hooks = match (hook, hook_names) {
-            (Some(callback), Some(enabled)) if !enabled.is_empty() => Some(PyHooks { callback, enabled, error: None }),
-            _ => None,
+        let (callback, enabled) = match (hook, hook_names) {
+            (Some(callback), Some(enabled)) if !enabled.is_empty() => (Some(callback), enabled),
+            _ => (None, HashSet::new()),
         };
+        let cancel = AtomicBool::new(false);
+        let mut hooks = PyHooks { callback, enabled, error: None, cancel: &cancel };
         let wanted = if all_logits { LogitsWanted::All } else { LogitsWanted::Last };
         let model = &mut self.model;
+        let mut signal: Option<PyErr> = None;
         // The step runs on a pool thread, so its many short parallel regions are joined inside
-        // the pool instead of each one waking the pool from outside.
-        let result = compute(py, || {
-            pool::install(|| {
-                let sink = hooks.as_mut().map(|h| h as &mut dyn Hooks);
-                model.forward(&ids, batch, seq, start_pos, wanted, sink)
+        // the pool instead of each one waking the pool from outside; meanwhile this thread
+        // watches for Ctrl-C.
+        let result = py.detach(|| {
+            let (done, finished) = mpsc::channel();
+            pool::pool().in_place_scope(|scope| {
+                let hooks = &mut hooks;
+                scope.spawn(move |_| {
+                    let outcome = guarded(|| model.forward(&ids, batch, seq, start_pos, wanted, Some(hooks)));
+                    let _ = done.send(outcome);
+                });
+                loop {
+                    match finished.recv_timeout(SIGNAL_CHECK_INTERVAL) {
+                        Ok(outcome) => return outcome,
+                        Err(RecvTimeoutError::Timeout) if signal.is_none() => {
+                            if let Err(e) = Python::attach(|py| py.check_signals()) {
+                                signal = Some(e);
+                                cancel.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(PyRuntimeError::new_err("internal error: the engine step ended unheard"));
+                        }
+                    }
+                }
             })
         });
-        if let Some(err) = hooks.and_then(|h| h.error) {
+        if let Some(err) = signal.or(hooks.error) {
             return Err(err);
         }
         let logits = result?;

@@ -19,6 +19,10 @@ use crate::kernels::{activation, attention, norm, rope};
 pub trait Hooks {
     fn wants(&self, layer: i32, point: &str) -> bool;
     fn fire(&mut self, layer: i32, point: &str, data: &[f32], shape: &[usize]) -> Result<()>;
+    /// Called between layers: an error (Ctrl-C, say) stops the step, which is then undone.
+    fn interrupted(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -104,7 +108,7 @@ impl Llama {
             config.num_kv_heads,
             config.max_seq_len,
             config.head_dim,
-        );
+        )?;
         Ok(Llama { weights: Weights::empty(&config), config, cache, rope_cos, rope_sin, loaded: false })
     }
 
@@ -153,7 +157,8 @@ impl Llama {
     }
 
     /// Run `tokens` (`[batch, seq]`, sequence b at positions start_pos..start_pos+seq) through
-    /// the model, updating the KV cache, and return the logits asked for.
+    /// the model, updating the KV cache, and return the logits asked for. A step that fails (a
+    /// hook's error, an interrupt) leaves the cache as it was before it.
     pub fn forward(
         &mut self,
         tokens: &[u32],
@@ -165,6 +170,23 @@ impl Llama {
     ) -> Result<Vec<f32>> {
         self.check_input(tokens, batch, seq, start_pos)?;
         self.check_loaded()?;
+        let saved = self.cache.save(batch, start_pos, start_pos + seq);
+        let result = self.step(tokens, batch, seq, start_pos, wanted, hooks);
+        if result.is_err() {
+            self.cache.restore(saved);
+        }
+        result
+    }
+
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        start_pos: usize,
+        wanted: LogitsWanted,
+        hooks: Option<&mut dyn Hooks>,
+    ) -> Result<Vec<f32>> {
         let c = self.config.clone();
         let (h, rows) = (c.hidden_size, batch * seq);
         let mut tap = Tap { hooks, batch, seq };
@@ -178,6 +200,9 @@ impl Llama {
 
         for l in 0..c.num_layers {
             x = self.layer(l, x, batch, seq, start_pos, &mut tap)?;
+            if let Some(h) = tap.hooks.as_deref_mut() {
+                h.interrupted()?;
+            }
         }
 
         let x = rms_norm(&x, &self.weights.norm, c.rms_norm_eps);

@@ -27,6 +27,7 @@ class NumpyLlama:
         shape = (args.num_hidden_layers, args.max_batch_size, args.num_key_value_heads, args.max_seq_len, self.head_dim)
         self.cache_k = np.zeros(shape, dtype=np.float32)
         self.cache_v = np.zeros(shape, dtype=np.float32)
+        self.filled = 0  # every cached position at or past this one holds zeros
 
     def set_weight(self, name: str, array: np.ndarray) -> None:
         if name not in self.expected:
@@ -41,11 +42,27 @@ class NumpyLlama:
             raise ValueError(f"weights not loaded: {', '.join(missing)}")
 
     def reset_cache(self) -> None:
-        self.cache_k.fill(0.0)
-        self.cache_v.fill(0.0)
+        self.cache_k[:, :, :, :self.filled] = 0.0
+        self.cache_v[:, :, :, :self.filled] = 0.0
+        self.filled = 0
 
     def forward(self, tokens: np.ndarray, start_pos: int, all_logits: bool,
                 hook: Callable | None = None, hook_names: set[str] | None = None) -> np.ndarray:
+        """A step that fails (a hook's exception, KeyboardInterrupt) leaves the cache as it was."""
+        batch, end = tokens.shape[0], start_pos + tokens.shape[1]
+        saved = (self.filled, self.cache_k[:, :batch, :, start_pos:end].copy(),
+                 self.cache_v[:, :batch, :, start_pos:end].copy())
+        try:
+            logits = self._forward(tokens, start_pos, all_logits, hook, hook_names)
+        except BaseException:
+            self.filled = saved[0]
+            self.cache_k[:, :batch, :, start_pos:end] = saved[1]
+            self.cache_v[:, :batch, :, start_pos:end] = saved[2]
+            raise
+        self.filled = max(self.filled, end)
+        return logits
+
+    def _forward(self, tokens, start_pos, all_logits, hook, hook_names):
         self.check_loaded()
         a, w = self.args, self.weights
         batch, seq = tokens.shape
