@@ -107,7 +107,7 @@ def test_llama_streams_alternated_are_refused_not_corrupted():
     from ellm import Llama
     from ellm._bundled import bundled_model_path
 
-    llm = Llama(bundled_model_path())
+    llm = Llama(bundled_model_path(), max_seq_len=48)
     one = llm.generate("Once upon a time", max_gen_len=4, temperature=0, stream=True)
     two = llm.generate("The capital of France", max_gen_len=4, temperature=0, stream=True)
     next(one)
@@ -116,7 +116,8 @@ def test_llama_streams_alternated_are_refused_not_corrupted():
     del two
     rest = "".join(one)
     assert isinstance(rest, str)
-    assert isinstance(llm.generate("Hello", max_gen_len=None, temperature=0, stop=["."]), str)
+    # max_gen_len=None: up to max_seq_len, as the other Llama methods take it
+    assert isinstance(llm.generate("Hello", max_gen_len=None, temperature=0), str)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

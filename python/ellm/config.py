@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelFormatError
-from .ops import rope_scaling_params
+from .ops import check_size, rope_scaling_params
 
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -159,13 +160,30 @@ class ModelArgs:
                              f"({self.num_attention_heads}) when head_dim is not given")
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}")
-        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError(f"rms_norm_eps and rope_theta must be positive, got {self.rms_norm_eps}, {self.rope_theta}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.use_sliding_window is not None and not isinstance(self.use_sliding_window, bool):
+            raise ValueError(f"use_sliding_window must be true or false, got {self.use_sliding_window!r}")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {SUPPORTED_ACTIVATIONS}")
         rope_scaling_params(self.rope_scaling)
         self._validate_family()
+        self._check_sizes()
         return True
+
+    def _check_sizes(self) -> None:
+        """MemoryError for a shape no machine here could build, before anything is allocated."""
+        h, q, kv, i = self.hidden_size, self.q_dim(), self.kv_dim(), self.intermediate_size
+        layers, seq = self.num_hidden_layers, self.max_seq_len
+        check_size(2 * layers * self.max_batch_size * kv * seq + seq * self.resolved_head_dim + 256 * layers,
+                   f"the KV cache and rope tables ({layers} layers, {self.max_batch_size} x {seq} positions)")
+        weights = layers * (2 * h * q + 2 * h * kv + 3 * h * i) + self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        check_size(weights // 2, f"the model's {weights:,} weights (even at 4 bits each)", itemsize=1)
 
     def _validate_family(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -292,11 +310,18 @@ class ModelArgs:
 
 def _from_meta_params(p: dict) -> dict:
     """Meta's params.json in Hugging Face names (FFN size as Meta's model.py computes it)."""
-    dim = p["dim"]
+    dim, multiple_of = p["dim"], p.get("multiple_of", 256)
+    for key, value in (("dim", dim), ("multiple_of", multiple_of), ("n_heads", p.get("n_heads")),
+                       ("n_layers", p.get("n_layers"))):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"params.json: {key} must be a positive int, got {value!r}")
+    multiplier = p.get("ffn_dim_multiplier")
+    if multiplier is not None and (isinstance(multiplier, bool) or not isinstance(multiplier, (int, float))
+                                   or not math.isfinite(multiplier) or multiplier <= 0):
+        raise ValueError(f"params.json: ffn_dim_multiplier must be a finite number > 0, got {multiplier!r}")
     hidden = int(2 * (4 * dim) / 3)
-    if p.get("ffn_dim_multiplier") is not None:
-        hidden = int(p["ffn_dim_multiplier"] * hidden)
-    multiple_of = p.get("multiple_of", 256)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
     vocab = p.get("vocab_size", -1)
     if not isinstance(vocab, int) or vocab <= 0:

@@ -28,7 +28,7 @@ def _as_float32(value: Any, name: str) -> np.ndarray:
         if str(getattr(value, "dtype", "")) == "torch.bfloat16":
             value = value.float()
     try:
-        return np.ascontiguousarray(np.asarray(value), dtype=np.float32)
+        return np.require(np.asarray(value, dtype=np.float32), requirements=["C", "A"])
     except (TypeError, ValueError) as exc:
         raise TypeError(f"weight {name!r} is not an array: {exc}") from None
 

@@ -8,6 +8,7 @@ raise ValueError with the shapes in the message.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,10 +25,28 @@ _U64 = 1 << 64
 
 
 def _f32(x: Any, name: str) -> np.ndarray:
+    """A C-contiguous, aligned float32 array (0-d stays 0-d), copied only where needed."""
     try:
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return np.require(np.asarray(x, dtype=np.float32), requirements=["C", "A"])
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}: {exc}") from None
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit we can read
+        return 1 << 62
+
+
+PHYSICAL_MEMORY = _physical_memory()
+
+
+def check_size(count: int, what: str, itemsize: int = 4) -> None:
+    """MemoryError, before anything is allocated, for `count` items that this machine's memory
+    cannot hold (the same limit on both backends; Rust would abort, NumPy would swap)."""
+    if count * itemsize > PHYSICAL_MEMORY:
+        raise MemoryError(f"{what} would take {count * itemsize:,} bytes; this machine has {PHYSICAL_MEMORY:,}")
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -61,6 +80,7 @@ def matmul(a: Any, b: Any) -> np.ndarray:
     a, b = _f32(a, "a"), _f32(b, "b")
     if a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
         raise ValueError(f"matmul: a {a.shape} and b {b.shape} do not fit (a [..., m, k] @ b [k, n])")
+    check_size(math.prod(a.shape[:-1]) * b.shape[1], "matmul's output")
     out = _impl().matmul(_rows(a), b)
     return out.reshape(*a.shape[:-1], b.shape[1])
 
@@ -75,6 +95,7 @@ def linear(x: Any, weight: Any, bias: Any = None) -> np.ndarray:
         b = _f32(bias, "bias")
         if b.shape != (w.shape[0],):
             raise ValueError(f"linear: bias {b.shape} does not fit weight {w.shape}")
+    check_size(math.prod(x.shape[:-1]) * w.shape[0], "linear's output")
     out = _impl().linear(_rows(x), w, b)
     return out if x.ndim == 2 else out.reshape(*x.shape[:-1], w.shape[0])
 
@@ -103,16 +124,21 @@ def rope_scaling_params(scaling: Mapping[str, Any] | None) -> tuple[str, list[fl
         if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
             raise ValueError("rope scaling 'freq_factors' needs a non-empty list of positive 'factors'")
         return "freq_factors", factors
-    try:
-        factor = float(scaling["factor"])
-        if kind == "linear":
-            return "linear", [factor, 1.0, 1.0, 1.0]
-        if kind == "llama3":
-            params = [factor, float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"]),
-                      float(scaling["original_max_position_embeddings"])]
-            return "llama3", params
-    except KeyError as exc:
-        raise ValueError(f"rope scaling {kind!r} needs the key {exc.args[0]!r}") from None
+    names = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    if kind in names:
+        params = []
+        for key in names[kind]:
+            if key not in scaling:
+                raise ValueError(f"rope scaling {kind!r} needs the key {key!r}")
+            value = scaling[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"rope scaling {kind!r}: {key} must be a finite number > 0, got {value!r}")
+            params.append(float(value))
+        if kind == "llama3" and not params[1] < params[2]:
+            raise ValueError(f"rope scaling 'llama3': low_freq_factor ({params[1]}) must be below "
+                             f"high_freq_factor ({params[2]})")
+        return kind, params + [1.0] * (4 - len(params))
     raise ValueError(f"unsupported rope scaling type {kind!r}; supported: 'linear', 'llama3', 'freq_factors'")
 
 
@@ -179,6 +205,7 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = True, start_pos: int = 0
     if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0):
         raise ValueError(f"attention: window must be a positive int or None, got {window!r}")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    check_size(q.shape[0] * q.shape[1] * max(k.shape[0], q.shape[2]), "attention's scores")
     return _impl().attention(q, k, v, bool(causal), int(start_pos), scale, int(window or 0))
 
 
@@ -200,6 +227,7 @@ def normal(shape: int | Sequence[int], seed: int, stream: int = 0) -> np.ndarray
     if any((not isinstance(d, (int, np.integer))) or d < 0 for d in shape):
         raise ValueError(f"normal: shape must be non-negative ints, got {shape}")
     count = math.prod(shape)
+    check_size(count, "normal's samples")
     return _impl().normal(count, _u64(seed, "seed"), _u64(stream, "stream")).reshape(shape)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,9 +43,40 @@ _SPLIT_PATTERNS = {
 }
 
 
-def _render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra: Any) -> str:
+# A chat template comes with a model file, from whoever made it: its render is bounded in time
+# and in the size of what it builds.
+TEMPLATE_SECONDS = 5.0
+TEMPLATE_MAX_CHARS = 4_000_000
+
+
+def _template_environment(deadline: float):
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def too_big(size: int) -> None:
+        if size > TEMPLATE_MAX_CHARS:
+            raise ModelFormatError(f"the chat template builds a value of {size:,} items; the limit is "
+                                   f"{TEMPLATE_MAX_CHARS:,}")
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                        too_big(len(seq) * times)
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                too_big(len(left) + len(right))
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                too_big(right * abs(left).bit_length() // 8)
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, int) and not isinstance(a, bool):
+                    too_big(a)  # 'x'.ljust(10**9), range is capped by the sandbox already
+            return super().call(__context, __obj, *args, **kwargs)
 
     def raise_exception(message: str):
         raise TemplateError(message)
@@ -51,10 +84,41 @@ def _render_template(template: str, messages: list[dict], add_generation_prompt:
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    return env
+
+
+def _render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra: Any) -> str:
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+    compiled = _template_environment(deadline).from_string(template)
+
+    def out_of_time() -> None:
+        raise ModelFormatError(f"the chat template ran for more than {TEMPLATE_SECONDS} s (a loop that does not end?)")
+
+    def in_template(frame, event, arg):  # line events of the template's own code
+        if event == "line" and time.monotonic() > deadline:
+            out_of_time()
+        return in_template
+
+    def tracer(frame, event, arg):
+        return in_template if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        pieces, size = [], 0
+        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **extra):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise ModelFormatError(f"the chat template's output passed {TEMPLATE_MAX_CHARS:,} characters")
+            if time.monotonic() > deadline:
+                out_of_time()
+            pieces.append(piece)
+        return "".join(pieces)
+    finally:
+        sys.settrace(previous)
 
 
 def check_messages(messages: Any) -> list[dict]:

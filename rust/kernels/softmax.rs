@@ -20,8 +20,10 @@ dispatch! {
         }
         let max = lanes.iter().chain(chunks.remainder()).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
         if max == f32::NEG_INFINITY {
-            // Every entry masked: no distribution exists; give zeros rather than NaN.
-            row.fill(0.0);
+            // Every entry masked: no distribution exists; give zeros rather than NaN. (The max
+            // skips NaN, so a row of NaN and -inf lands here too, and stays NaN.)
+            let nan = row.iter().any(|v| v.is_nan());
+            row.fill(if nan { f32::NAN } else { 0.0 });
             return;
         }
         for v in row.iter_mut() {

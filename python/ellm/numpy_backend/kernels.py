@@ -78,12 +78,12 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    """Over the last axis; a row that is all -inf gives zeros."""
+    """Over the last axis; a row that is all -inf gives zeros, a row holding NaN gives NaN."""
     m = np.max(x, axis=-1, keepdims=True) if x.shape[-1] else x
     m = np.where(np.isneginf(m), F32(0), m)
     e = np.exp(x - m)
     total = np.sum(e, axis=-1, keepdims=True)
-    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    return np.divide(e, total, out=np.zeros_like(e), where=(total > 0) | np.isnan(total))
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, start_pos: int, scale: float,

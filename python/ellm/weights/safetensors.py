@@ -22,8 +22,17 @@ _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64":
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
 def read_header(path: str) -> tuple[dict, int]:
-    """(header without __metadata__, offset of the data section)."""
+    """(header without __metadata__, offset of the data section), checked as the safetensors
+    library checks it (offsets cover the data section exactly, in order, with no overlap; sizes
+    match dtype and shape) and, beyond it, refusing duplicate keys."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         raw = fh.read(8)
@@ -33,15 +42,46 @@ def read_header(path: str) -> tuple[dict, int]:
         if n > size - 8:
             raise ModelFormatError(f"{path} is truncated: its header says {n} bytes, the file has {size - 8} after the length")
         try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            header = json.loads(fh.read(n), object_pairs_hook=_unique_keys)
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ModelFormatError(f"{path} has a corrupt safetensors header: {exc}") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + n
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: the safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise ModelFormatError(f"{path}: __metadata__ must map names to strings, got {metadata!r:.80}")
+    data_start, data_size = 8 + n, size - 8 - n
+    spans = []
     for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        if data_start + end > size:
-            raise ModelFormatError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}")
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise ModelFormatError(f"{where} needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _ITEMSIZE:
+            raise ModelFormatError(f"{where} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ModelFormatError(f"{where}: shape must be a list of non-negative ints, got {shape!r:.80}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ModelFormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                                   f"got {offsets!r:.80}")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * _ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+            raise ModelFormatError(f"{where}: shape {tuple(shape)} of {dtype} needs {count * _ITEMSIZE[dtype]} "
+                                   f"bytes, its data_offsets span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            what = "overlaps the tensor before it" if begin < covered else f"leaves bytes {covered}..{begin} unused"
+            raise ModelFormatError(f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) {what}")
+        covered = end
+    if covered != data_size:
+        raise ModelFormatError(f"{path}: the tensors cover {covered} bytes of a {data_size}-byte data section "
+                               f"({'truncated' if covered > data_size else 'trailing bytes'})")
     return header, data_start
 
 

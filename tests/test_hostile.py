@@ -1,0 +1,177 @@
+"""Hostile and broken input: each gets a clear exception before anything large is built, and the
+two backends agree on what they refuse and on non-finite numbers."""
+
+import json
+import math
+import os
+import shutil
+import struct
+import time
+
+import numpy as np
+import pytest
+
+import ellm
+from ellm import ModelArgs, Transformer, ops
+from ellm.errors import ModelFormatError
+
+from conftest import BACKENDS, DATA
+
+TINY = os.path.join(DATA, "archs", "llama")
+
+
+def safetensors_file(path, header, data, pad=0):
+    raw = json.dumps(header).encode() if isinstance(header, dict) else header
+    raw += b" " * pad
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(TINY, out)
+    return out
+
+
+def test_safetensors_header_of_any_length_reads_unaligned_data(tmp_path, folder):
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    data, header, at = b"", {}, 0
+    for name, t in tensors.items():
+        raw = t.astype(np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [at, at + len(raw)]}
+        data, at = data + raw, at + len(raw)
+    base = json.dumps(header).encode()
+    pad = (4 - len(base) % 4) % 4 + 1  # the header's length is not a multiple of 4: data unaligned
+    safetensors_file(folder / "model.safetensors", header, data, pad=pad)
+    gold = np.load(os.path.join(TINY, "golden.npz"))
+    logits = Transformer.from_pretrained(folder).forward(gold["input_ids"])
+    assert np.abs(logits - gold["logits"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("case, header, match", [
+    ("negative", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}, "data_offsets"),
+    ("overlap", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "overlaps"),
+    ("past the end", {"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, "truncated"),
+    ("gap", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, "unused"),
+    ("shape", {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, "needs 12 bytes"),
+    ("metadata", {"__metadata__": [1], "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, "__metadata__"),
+    ("duplicate", b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
+                  b'"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', "duplicate key"),
+    ("dtype", {"a": {"dtype": "Q9", "shape": [4], "data_offsets": [0, 16]}}, "dtype"),
+])
+def test_corrupt_safetensors_headers_are_named(tmp_path, case, header, match):
+    path = safetensors_file(tmp_path / "x.safetensors", header, np.arange(4, dtype=np.float32).tobytes())
+    from ellm.weights.safetensors import read_header
+
+    with pytest.raises(ModelFormatError, match=match):
+        read_header(str(path))
+
+
+def test_chat_template_limits(monkeypatch):
+    from ellm import tokenizer
+
+    messages = [{"role": "user", "content": "hi"}]
+    monkeypatch.setattr(tokenizer, "TEMPLATE_SECONDS", 0.3)
+    started = time.perf_counter()
+    endless = "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}"
+    with pytest.raises(ModelFormatError, match="ran for more than"):
+        tokenizer._render_template(endless, messages, True)
+    assert time.perf_counter() - started < 2
+    for huge in ("{{ 'a' * 10**9 }}", "{{ 'a'.ljust(10**9) }}", "{% for i in range(100000) %}{{ 'x' * 50 }}{% endfor %}"):
+        with pytest.raises(ModelFormatError, match="chat template"):
+            tokenizer._render_template(huge, messages, True)
+    assert tokenizer._render_template("{{ messages[0].content * 3 }}", messages, True) == "hihihi"
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("nan")}}, "factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
+                       "original_max_position_embeddings": 64}}, "low_freq_factor"),
+    ({"rope_theta": float("inf")}, "rope_theta"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings"),
+    ({"attention_bias": 1}, "attention_bias"),
+])
+def test_config_values_that_would_compute_garbage_are_refused(changes, match):
+    d = json.load(open(os.path.join(TINY, "config.json")))
+    d.pop("rope_parameters")
+    d.update(changes)
+    with pytest.raises(ValueError, match=match):
+        ModelArgs.from_dict(d).validate()
+
+
+@pytest.mark.parametrize("field", ["num_hidden_layers", "max_seq_len", "max_batch_size", "head_dim", "vocab_size"])
+def test_absurd_sizes_fail_fast_with_memory_error(field):
+    d = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    d[field] = 2**40
+    if field == "max_seq_len":
+        d["max_position_embeddings"] = 2**40
+    started = time.perf_counter()
+    for backend in BACKENDS:
+        ellm.set_backend(backend)
+        try:
+            with pytest.raises(MemoryError, match="bytes"):
+                Transformer(ModelArgs(**d))
+        finally:
+            ellm.set_backend("rust" if ellm.rust_available() else "numpy")
+    assert time.perf_counter() - started < 1
+
+
+def test_meta_params_with_zero_sizes(tmp_path):
+    for key in ("multiple_of", "n_heads", "dim"):
+        p = {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 100, "multiple_of": 32, key: 0}
+        (tmp_path / "params.json").write_text(json.dumps(p))
+        with pytest.raises(ValueError, match=key):
+            ModelArgs.from_config_file(tmp_path / "params.json")
+
+
+def test_gguf_declaring_four_billion_layers_fails_at_once(tmp_path):
+    import gguf
+
+    from hf_to_gguf import convert
+
+    path = convert(TINY, str(tmp_path / "ok.gguf"))
+    reader_bytes = open(path, "rb").read()
+    w = gguf.GGUFWriter(str(tmp_path / "layers.gguf"), "llama")
+    w.add_block_count(2**32 - 1)
+    for key, value in (("context_length", 256), ("embedding_length", 64), ("feed_forward_length", 160),
+                       ("attention.head_count", 4), ("attention.layer_norm_rms_epsilon", 1e-5)):
+        getattr(w, "add_" + {"context_length": "context_length", "embedding_length": "embedding_length",
+                             "feed_forward_length": "feed_forward_length", "attention.head_count": "head_count",
+                             "attention.layer_norm_rms_epsilon": "layer_norm_rms_eps"}[key])(value)
+    w.add_token_list([f"<t{i}>" for i in range(320)])
+    w.add_tensor("token_embd.weight", np.zeros((320, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert reader_bytes  # the writer above is the same one the valid file came from
+    started = time.perf_counter()
+    with pytest.raises(ModelFormatError, match="4294967295 layers"):
+        Transformer.from_pretrained(str(tmp_path / "layers.gguf"))
+    assert time.perf_counter() - started < 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_agree_on_nan_and_keep_0d_shapes(backend):
+    previous = ellm.get_backend()
+    ellm.set_backend(backend)
+    try:
+        out = ops.softmax(np.array([[1.0, np.nan, 2.0], [0.0, 1.0, 2.0]], dtype=np.float32))
+        assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+        assert ops.silu(np.float32(2.0)).shape == ()
+        assert ops.quantize(np.float32(0.3), 4).shape == ()
+        with pytest.raises(MemoryError, match="normal"):
+            ops.normal(2**40, seed=1)
+        with pytest.raises(MemoryError, match="matmul"):
+            ops.matmul(np.zeros((2**20, 1), np.float32), np.zeros((1, 2**20), np.float32))
+        with pytest.raises(MemoryError, match="linear"):
+            ops.linear(np.zeros((2**21, 1), np.float32), np.zeros((2**20, 1), np.float32))
+    finally:
+        ellm.set_backend(previous)
+    assert math.isnan(float(ops.softmax(np.array([np.nan], np.float32))[0]))
