@@ -175,3 +175,97 @@ def test_ops_agree_on_nan_and_keep_0d_shapes(backend):
     finally:
         ellm.set_backend(previous)
     assert math.isnan(float(ops.softmax(np.array([np.nan], np.float32))[0]))
+
+
+def write_gguf(path, arch="llama", tokens=None, merges=None, tensors=None, block_count=None):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    if block_count is not None:
+        w.add_block_count(block_count)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens if tokens is not None else ["a", "b", "ab"])
+    if merges is not None:
+        w.add_token_merges(merges)
+    for name, t in (tensors or {"token_embd.weight": np.zeros((3, 4), np.float32)}).items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_corrupt_tokenizer_metadata_is_a_model_format_error(tmp_path):
+    from ellm import Tokenizer
+
+    path = write_gguf(tmp_path / "merges.gguf", merges=["a b", "nospace"])
+    with pytest.raises(ModelFormatError, match="merges.gguf: the GGUF tokenizer metadata is corrupt"):
+        Tokenizer.from_gguf(path)
+
+
+def test_tokenizer_config_problems_and_chat_template_jinja(tmp_path):
+    from ellm import Tokenizer
+    from ellm._bundled import bundled_model_path
+
+    Tokenizer.from_gguf(bundled_model_path())._tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(ModelFormatError, match="tokenizer_config.json is not valid JSON"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": 5}))
+    with pytest.raises(ModelFormatError, match="chat_template must be a string"):
+        Tokenizer.from_file(tmp_path)
+    # transformers saves the template beside the config (since 2024) when the config has none
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    tok = Tokenizer.from_file(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[hi]"
+
+
+def test_metadata_of_hostile_gguf_headers(tmp_path):
+    from ellm.metadata import generate_metadata
+
+    good = write_gguf(tmp_path / "ok.gguf")
+    raw = bytearray(open(good, "rb").read())
+    # the tensor count (bytes 8..16) set to 2**60, then a dimension set to 2**62
+    many = bytearray(raw)
+    many[8:16] = struct.pack("<Q", 2**60)
+    (tmp_path / "many.gguf").write_bytes(many)
+    started = time.perf_counter()
+    with pytest.raises(ModelFormatError, match="declares"):
+        generate_metadata(tmp_path / "many.gguf")
+    huge = bytearray(raw)
+    at = huge.index(b"token_embd.weight") + len(b"token_embd.weight") + 4  # after the name and n_dims
+    huge[at:at + 8] = struct.pack("<Q", 2**62)
+    (tmp_path / "huge.gguf").write_bytes(huge)
+    with pytest.raises(ModelFormatError, match="needs"):
+        generate_metadata(tmp_path / "huge.gguf")
+    name_len = bytearray(raw)
+    at = name_len.index(b"token_embd.weight") - 8
+    name_len[at:at + 8] = struct.pack("<Q", 2**63)
+    (tmp_path / "name.gguf").write_bytes(name_len)
+    with pytest.raises(ModelFormatError, match="past the end"):
+        generate_metadata(tmp_path / "name.gguf")
+    assert time.perf_counter() - started < 2
+
+
+def test_cli_prints_one_line_for_a_hostile_file(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_gguf(tmp_path / "layers.gguf", block_count=2**32 - 1)
+    run = subprocess.run([sys.executable, "-m", "ellm", "info", "--model", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("ellm: error:") and "Traceback" not in run.stderr
+
+
+def test_non_finite_weights_in_a_file_are_named(tmp_path, folder):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"][1, 2] = np.inf
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match="layers.0.mlp.up_proj.weight"):
+        Transformer.from_pretrained(folder)
+    assert Transformer.from_pretrained(folder, allow_non_finite=True).weights_loaded

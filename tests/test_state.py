@@ -194,7 +194,9 @@ def test_non_finite_logits_name_the_first_bad_layer(backend):
     tensors = load_file(os.path.join(TINY, "model.safetensors"))
     w = tensors["model.layers.1.mlp.down_proj.weight"].copy()
     w[3, 7] = np.nan
-    m.load_state_dict({"model.layers.1.mlp.down_proj.weight": w}, strict=False)
+    with pytest.raises(ellm.ModelFormatError, match="down_proj.*1 NaN or infinite"):
+        m.load_state_dict({"model.layers.1.mlp.down_proj.weight": w}, strict=False)
+    m.load_state_dict({"model.layers.1.mlp.down_proj.weight": w}, strict=False, allow_non_finite=True)
     with pytest.raises(FloatingPointError, match="layer1_mlp_output"):
         m.generate([PROMPTS[0]], 4, temperature=0)
 

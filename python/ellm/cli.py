@@ -103,6 +103,7 @@ def cmd_info(args) -> int:
     from ._backend import get_backend
     from ._bundled import bundled_model_path
     from .hooks import hook_point_names
+    from .model import check_layer_count
     from .weights import open_checkpoint
 
     path = args.model or bundled_model_path()
@@ -110,10 +111,12 @@ def cmd_info(args) -> int:
     a = ckpt.args
     if a is None:
         raise EllmError(f"{path}: no config.json beside the weights")
+    check_layer_count(a, ckpt.tensors, path)  # before anything walks the declared layers
+    a.validate()
     dtypes = sorted({t.dtype for t in ckpt.tensors.values()})
     rows = [
         ("file", path), ("format", ckpt.format), ("stored dtypes", ", ".join(dtypes)),
-        ("architecture", "llama"), ("parameters", f"{a.num_parameters():,}"), ("layers", a.num_hidden_layers),
+        ("architecture", a.model_type), ("parameters", f"{a.num_parameters():,}"), ("layers", a.num_hidden_layers),
         ("hidden size", a.hidden_size), ("heads", f"{a.num_attention_heads} (kv {a.num_key_value_heads}, "
                                                   f"head_dim {a.resolved_head_dim})"),
         ("mlp size", a.intermediate_size), ("context length", a.max_position_embeddings),
@@ -232,6 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (EllmError, ValueError, TypeError, FileNotFoundError, OSError) as exc:
-        print(f"ellm: error: {exc}", file=sys.stderr)
+    except (EllmError, ValueError, TypeError, OSError, MemoryError, FloatingPointError, RuntimeError) as exc:
+        print(f"ellm: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 1

@@ -33,6 +33,14 @@ def _as_float32(value: Any, name: str) -> np.ndarray:
         raise TypeError(f"weight {name!r} is not an array: {exc}") from None
 
 
+def _check_finite(array: np.ndarray, name: str, allowed: bool) -> None:
+    # a float64 sum is finite exactly when every value is (float32 values cannot overflow it)
+    if not allowed and array.size and not np.isfinite(np.sum(array, dtype=np.float64)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ModelFormatError(f"weight {name!r} holds {bad} NaN or infinite values (a corrupt file? GGUF and "
+                               "safetensors carry no checksum); pass allow_non_finite=True to load it anyway")
+
+
 def _shape_of(value: Any) -> tuple[int, ...]:
     shape = getattr(value, "shape", None)
     return tuple(int(d) for d in (shape if shape is not None else np.shape(value)))
@@ -68,7 +76,7 @@ def _prompt_ids(prompt: Any) -> list[int]:
     return [int(t) for t in ids]
 
 
-def _check_layer_count(args: ModelArgs, tensors: Mapping[str, Any], path: Any) -> None:
+def check_layer_count(args: ModelArgs, tensors: Mapping[str, Any], path: Any) -> None:
     """A config's layer count against the layers the file holds, before anything loops over them."""
     present = {int(n.split(".")[2]) for n in tensors if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
     if args.num_hidden_layers != len(present) or (present and max(present) != len(present) - 1):
@@ -141,11 +149,12 @@ class Transformer:
 
     # ----- loading -----
 
-    def _install(self, tensors: Iterable[tuple[str, Callable[[], Any]]]) -> None:
+    def _install(self, tensors: Iterable[tuple[str, Callable[[], Any]]], allow_non_finite: bool = False) -> None:
         """Fill a new engine tensor by tensor; swap it in only when every tensor went in."""
         engine = self._new_engine()
         for name, get in tensors:
             array = _as_float32(get(), name)
+            _check_finite(array, name, allow_non_finite)
             engine.set_weight(name, array)
             del array
         engine.check_loaded()
@@ -153,10 +162,12 @@ class Transformer:
             self._engine = engine
             self.weights_loaded = True
 
-    def _update(self, tensors: dict[str, Any]) -> None:
+    def _update(self, tensors: dict[str, Any], allow_non_finite: bool = False) -> None:
         """Replace some tensors of the current engine (all converted first, so a bad one changes
         nothing); the others, and the KV cache, stay."""
         arrays = {name: _as_float32(value, name) for name, value in tensors.items()}
+        for name, array in arrays.items():
+            _check_finite(array, name, allow_non_finite)
         with self._exclusive():
             for name, array in arrays.items():
                 self._engine.set_weight(name, array)
@@ -166,9 +177,11 @@ class Transformer:
             except ValueError:
                 self.weights_loaded = False
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, *,
+                        allow_non_finite: bool = False) -> None:
         """Load Hugging Face-named tensors (NumPy arrays, torch tensors, anything with __array__).
-        With strict=False a subset updates only those tensors. On any error the previous weights
+        With strict=False a subset updates only those tensors. A tensor holding NaN or infinite
+        values is refused with its name unless allow_non_finite. On any error the previous weights
         stay in place."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
@@ -187,16 +200,19 @@ class Transformer:
                 raise ValueError(f"load_state_dict: {name!r} has shape {_shape_of(state_dict[name])}, "
                                  f"expected {expected[name]}")
         if missing:  # strict=False with a subset: update those tensors, keep every other one
-            self._update({n: state_dict[n] for n in expected if n in state_dict})
+            self._update({n: state_dict[n] for n in expected if n in state_dict}, allow_non_finite)
         else:
-            self._install((n, lambda n=n: state_dict[n]) for n in expected)
+            self._install(((n, lambda n=n: state_dict[n]) for n in expected), allow_non_finite)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, max_seq_len: int | None = None,
-                        max_batch_size: int | None = None, progress: Callable | None = None) -> Transformer:
+                        max_batch_size: int | None = None, progress: Callable | None = None,
+                        allow_non_finite: bool = False) -> Transformer:
         """Load a Hugging Face folder (config.json + safetensors) or a .gguf file.
 
-        `progress`, if given, wraps the iterable of tensor names (e.g. `tqdm`)."""
+        `progress`, if given, wraps the iterable of tensor names (e.g. `tqdm`). A tensor holding
+        NaN or infinite values is refused, naming it, unless allow_non_finite. (Other flipped
+        bytes in the weights cannot be detected: GGUF and safetensors carry no checksum.)"""
         from .weights import open_checkpoint
 
         ckpt = open_checkpoint(path)
@@ -206,7 +222,7 @@ class Transformer:
         if max_batch_size is not None:
             args.max_batch_size = max_batch_size
         args.max_seq_len = min(max_seq_len, args.max_position_embeddings) if max_seq_len else args.max_seq_len
-        _check_layer_count(args, ckpt.tensors, path)
+        check_layer_count(args, ckpt.tensors, path)
         expected = args.expected_shapes()
         missing = [n for n in expected if n not in ckpt.tensors]
         if missing:
@@ -223,7 +239,7 @@ class Transformer:
         names: Iterable[str] = list(expected)
         if progress is not None:
             names = progress(names)
-        model._install((n, lambda n=n: ckpt.load(n)) for n in names)
+        model._install(((n, lambda n=n: ckpt.load(n)) for n in names), allow_non_finite)
         model.source = os.fspath(path)
         return model
 

@@ -174,8 +174,13 @@ class Tokenizer:
         config: dict = {}
         config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
         if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as fh:
-                config = json.load(fh)
+            try:
+                with open(config_path, encoding="utf-8") as fh:
+                    config = json.load(fh)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ModelFormatError(f"{config_path} is not valid JSON: {exc}") from None
+            if not isinstance(config, dict):
+                raise ModelFormatError(f"{config_path} must hold a JSON object")
 
         def content(tok):
             return tok.get("content") if isinstance(tok, dict) else tok
@@ -183,7 +188,17 @@ class Tokenizer:
         eos = content(config.get("eos_token"))
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is None:  # transformers saves it beside the config since 2024
+            template_path = os.path.join(os.path.dirname(path), "chat_template.jinja")
+            if os.path.isfile(template_path):
+                with open(template_path, encoding="utf-8", errors="strict") as fh:
+                    template = fh.read()
+        if template is not None and not isinstance(template, str):
+            raise ModelFormatError(f"{config_path}: chat_template must be a string, got {type(template).__name__}")
+        if eos is not None and not isinstance(eos, str):
+            raise ModelFormatError(f"{config_path}: eos_token must be a string, got {type(eos).__name__}")
         return cls(backend, bos_token=content(config.get("bos_token")), eos_tokens=[eos] if eos else [],
                    chat_template=template, add_bos_token=bool(config.get("add_bos_token", False)))
 
@@ -191,15 +206,27 @@ class Tokenizer:
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         """The tokenizer a GGUF file describes: GPT-2 style byte-level BPE ("gpt2") or the
         SentencePiece-style "llama" vocabulary."""
-        from tokenizers import AddedToken, decoders, models, normalizers
-        from tokenizers import Tokenizer as HFTokenizer
-
-        from .weights.gguf import field_value, read
+        from .weights.gguf import read
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no GGUF file at {path}")
         reader = read(path)
+        try:
+            return cls._from_gguf_reader(reader, path)
+        except ModelFormatError:
+            raise
+        except Exception as exc:  # tokenizers and gguf raise bare Exception, TypeError, UnicodeDecodeError
+            raise ModelFormatError(f"{path}: the GGUF tokenizer metadata is corrupt ({type(exc).__name__}: {exc})") \
+                from None
+
+    @classmethod
+    def _from_gguf_reader(cls, reader, path: str) -> Tokenizer:
+        from tokenizers import AddedToken, decoders, models, normalizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from .weights.gguf import field_value
+
         kind = field_value(reader, "tokenizer.ggml.model")
         tokens = field_value(reader, "tokenizer.ggml.tokens")
         if tokens is None:

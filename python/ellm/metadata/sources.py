@@ -4,6 +4,7 @@ without reading any weights."""
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,66 +46,92 @@ _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12:
 
 def from_gguf(path: str) -> list[TensorHeader]:
     """Tensor headers under the names GGUF stores, parsed from the file header alone (the
-    key/value section is skipped over, not decoded, so a large vocabulary costs nothing)."""
-    import struct
+    key/value section is skipped over, not decoded, so a large vocabulary costs nothing). Every
+    count, length and size is checked against the file's size before it is used."""
+    try:
+        return _gguf_headers(path)
+    except ModelFormatError:
+        raise
+    except (struct.error, OverflowError, OSError, MemoryError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelFormatError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
 
+
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def _gguf_headers(path: str) -> list[TensorHeader]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
-        def read(n: int) -> bytes:
-            data = fh.read(n)
-            if len(data) < n:
-                raise ModelFormatError(f"{path} is truncated inside its GGUF header")
-            return data
+        def read(n: int, what: str) -> bytes:
+            if n > size - fh.tell():
+                raise ModelFormatError(f"{path}: {what} of {n} bytes runs past the end of the file (truncated?)")
+            return fh.read(n)
 
-        def u32() -> int:
-            return struct.unpack("<I", read(4))[0]
+        def u32(what: str) -> int:
+            return struct.unpack("<I", read(4, what))[0]
 
-        def u64() -> int:
-            return struct.unpack("<Q", read(8))[0]
+        def u64(what: str) -> int:
+            return struct.unpack("<Q", read(8, what))[0]
 
-        def skip_value(kind: int) -> None:
+        def skip(n: int, what: str) -> None:
+            if n > size - fh.tell():
+                raise ModelFormatError(f"{path}: {what} of {n} bytes runs past the end of the file")
+            fh.seek(n, 1)
+
+        def skip_value(kind: int, key: str) -> None:
             if kind == 8:
-                fh.seek(u64(), 1)
+                skip(u64(f"the length of {key}"), f"the string {key}")
             elif kind == 9:
-                item, count = u32(), u64()
+                item, count = u32(f"the item type of {key}"), u64(f"the length of {key}")
                 if item == 8:
+                    if count > (size - fh.tell()) // 8:
+                        raise ModelFormatError(f"{path}: array {key} declares {count} strings, more than the file holds")
                     for _ in range(count):
-                        fh.seek(u64(), 1)
+                        skip(u64(f"a string length in {key}"), f"a string in {key}")
                 elif item in _GGUF_SIZES:
-                    fh.seek(_GGUF_SIZES[item] * count, 1)
+                    skip(_GGUF_SIZES[item] * count, f"the array {key}")
                 else:
-                    raise ModelFormatError(f"{path}: unsupported GGUF array type {item}")
+                    raise ModelFormatError(f"{path}: {key}: unsupported GGUF array type {item}")
             elif kind in _GGUF_SIZES:
-                fh.seek(_GGUF_SIZES[kind], 1)
+                skip(_GGUF_SIZES[kind], key)
             else:
-                raise ModelFormatError(f"{path}: unsupported GGUF value type {kind}")
+                raise ModelFormatError(f"{path}: {key}: unsupported GGUF value type {kind}")
 
-        if read(4) != b"GGUF":
+        if read(4, "the magic") != b"GGUF":
             raise ModelFormatError(f"{path} is not a GGUF file (bad magic)")
-        version, n_tensors, n_kv = u32(), u64(), u64()
+        version, n_tensors, n_kv = u32("the version"), u64("the tensor count"), u64("the key/value count")
         if version < 2:
             raise ModelFormatError(f"{path}: GGUF version {version} is not supported")
-        for _ in range(n_kv):
-            fh.seek(u64(), 1)
-            skip_value(u32())
-            if fh.tell() > size:
-                raise ModelFormatError(f"{path} is truncated inside its GGUF metadata")
+        # every key/value takes at least 12 bytes and every tensor entry at least 24
+        if n_kv > size // 12 or n_tensors > size // 24:
+            raise ModelFormatError(f"{path}: the header declares {n_tensors} tensors and {n_kv} keys, more than a "
+                                   f"{size}-byte file can hold (truncated or corrupt)")
+        for i in range(n_kv):
+            key = read(u64(f"the length of key {i}"), f"key {i}").decode("utf-8", errors="replace")
+            skip_value(u32(f"the type of {key}"), key)
         headers = []
-        for _ in range(n_tensors):
-            name = read(u64()).decode("utf-8")
-            dims = [u64() for _ in range(u32())]
+        for i in range(n_tensors):
+            name = read(u64(f"the name length of tensor {i}"), f"the name of tensor {i}").decode("utf-8")
+            n_dims = u32(f"the dimension count of {name}")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise ModelFormatError(f"{path}: tensor {name} has {n_dims} dimensions (GGUF allows 1..{_MAX_DIMS})")
+            dims = [u64(f"a dimension of {name}") for _ in range(n_dims)]
             try:
-                kind = GGMLQuantizationType(u32())
+                kind = GGMLQuantizationType(u32(f"the type of {name}"))
             except ValueError as exc:
                 raise ModelFormatError(f"{path}: tensor {name}: {exc}") from None
-            u64()  # data offset
+            u64(f"the data offset of {name}")
             block, type_size = GGML_QUANT_SIZES[kind]
             count = 1
             for d in dims:
                 count *= d
-            headers.append(TensorHeader(name, tuple(reversed(dims)), kind.name, count // block * type_size))
+            nbytes = count // block * type_size
+            if nbytes > size:
+                raise ModelFormatError(f"{path}: tensor {name} of shape {tuple(reversed(dims))} ({kind.name}) needs "
+                                       f"{nbytes:,} bytes, more than the file's {size:,}")
+            headers.append(TensorHeader(name, tuple(reversed(dims)), kind.name, nbytes))
     return headers
 
 
