@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ellm-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: $(STAMP)
 	$(PY) benches/bench_model.py
 	$(PY) benches/bench_optical.py
 	cargo bench --no-default-features --bench memory_ceiling
+
+# ruff comes from PyPI; no tool binaries live in the repository.
+lint: $(STAMP)
+	$(PY) -m pip install --quiet "ruff>=0.6"
+	$(VENV)/bin/ruff check --select E4,E7,E9,F,W --line-length 120 python tests benches examples
+	cargo clippy --release --no-default-features
 
 clean:
 	rm -rf $(VENV) target

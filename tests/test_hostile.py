@@ -269,3 +269,26 @@ def test_non_finite_weights_in_a_file_are_named(tmp_path, folder):
     with pytest.raises(ModelFormatError, match="layers.0.mlp.up_proj.weight"):
         Transformer.from_pretrained(folder)
     assert Transformer.from_pretrained(folder, allow_non_finite=True).weights_loaded
+
+
+def test_gguf_fields_that_break_the_config_name_the_file(tmp_path):
+    from hf_to_gguf import convert
+
+    path = convert(TINY, str(tmp_path / "ok.gguf"))
+    raw = bytearray(open(path, "rb").read())
+    key = b"llama.attention.head_count"
+    at = raw.index(key + b"\x04") + len(key)  # then the value type (u32 = 4) and the value
+    raw[at + 4:at + 8] = struct.pack("<I", 0)
+    (tmp_path / "heads.gguf").write_bytes(raw)
+    with pytest.raises(ModelFormatError, match="heads.gguf: num_attention_heads"):
+        Transformer.from_pretrained(str(tmp_path / "heads.gguf"))
+
+
+def test_the_loader_refuses_a_hostile_gguf_header_at_once(tmp_path):
+    raw = bytearray(open(write_gguf(tmp_path / "ok.gguf"), "rb").read())
+    raw[16:24] = struct.pack("<Q", 2**60)  # the key/value count
+    (tmp_path / "kv.gguf").write_bytes(raw)
+    started = time.perf_counter()
+    with pytest.raises(ModelFormatError, match="declares"):
+        Transformer.from_pretrained(str(tmp_path / "kv.gguf"))
+    assert time.perf_counter() - started < 1

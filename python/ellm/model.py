@@ -223,6 +223,12 @@ class Transformer:
             args.max_batch_size = max_batch_size
         args.max_seq_len = min(max_seq_len, args.max_position_embeddings) if max_seq_len else args.max_seq_len
         check_layer_count(args, ckpt.tensors, path)
+        try:
+            args.validate()
+        except ModelFormatError:
+            raise
+        except ValueError as exc:
+            raise ModelFormatError(f"{path}: {exc}") from None
         expected = args.expected_shapes()
         missing = [n for n in expected if n not in ckpt.tensors]
         if missing:

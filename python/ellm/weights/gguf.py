@@ -68,6 +68,9 @@ def field_value(reader, key: str, default=None):
 def read(path: str):
     import gguf
 
+    from ..metadata.sources import from_gguf
+
+    from_gguf(path)  # every count and size against the file's length first: fails in milliseconds
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # the reader raises assorted errors on truncated or foreign files
