@@ -5,8 +5,9 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_into, DisjointWrites, View};
+use super::matmul::{gemm_into, View};
 use super::pool;
+use super::pool::DisjointWrites;
 use super::simd::{axpy, dot};
 use super::softmax::softmax_in_place;
 use crate::error::{EllmError, Result};

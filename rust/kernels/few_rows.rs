@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use rayon::prelude::*;
 
-use super::matmul::{linear, DisjointWrites};
-use super::pool;
+use super::pool::{self, DisjointWrites};
 use super::simd::{self, dot_tile, RowsAlignedLike};
 use super::team;
 
@@ -158,16 +157,11 @@ impl<'a> FewRowProduct<'a> {
     }
 }
 
-/// Several `linear`s of the same input in one parallel region: for decode-sized inputs the
-/// weights of all of them are streamed by one set of tasks (q/k/v, gate/up).
-pub fn linear_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)], outs: &mut [Vec<f32>]) {
+/// Several GEMVs of the same input row in one parallel region: the weights of all of them are
+/// streamed by one set of tasks (decode's q/k/v, gate/up).
+pub fn linear_many(x: &[f32], k: usize, weights: &[(&[f32], usize)], outs: &mut [Vec<f32>]) {
     assert_eq!(weights.len(), outs.len());
-    if m != 1 {
-        for ((w, n), out) in weights.iter().zip(outs.iter_mut()) {
-            linear(x, w, None, out, m, k, *n);
-        }
-        return;
-    }
+    assert_eq!(x.len(), k);
     let per_task = gemv_rows_per_task(k);
     let mut tasks: Vec<(&[f32], &mut [f32], usize)> = Vec::new();
     for ((w, _), out) in weights.iter().zip(outs.iter_mut()) {
@@ -302,6 +296,7 @@ pub fn linear_aligned_serial(x: &RowsAlignedLike, weight: &[f32], out: &mut [f32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::matmul::linear;
     use crate::kernels::matmul::tests::{naive_linear, values};
 
     #[test]

@@ -4,31 +4,10 @@
 use rayon::prelude::*;
 
 use super::few_rows::linear_few_rows;
-use super::pool;
+use super::pool::{self, DisjointWrites};
 
 /// Up to this many input rows `linear` streams the weights (`few_rows`) instead of calling GEMM.
 const FEW_ROWS_MAX: usize = 64;
-
-/// A pointer into an output buffer that parallel tasks share, each writing only its own
-/// disjoint part (columns of a product, heads of an attention output).
-pub(crate) struct DisjointWrites<T = f32>(pub *mut T);
-// SAFETY: users write disjoint ranges only; the buffer outlives the parallel region.
-unsafe impl<T> Sync for DisjointWrites<T> {}
-
-impl<T> DisjointWrites<T> {
-    pub fn at(&self, i: usize) -> *mut T {
-        self.0.wrapping_add(i)
-    }
-
-    /// Elements `i..i + len` as a slice.
-    ///
-    /// # Safety
-    /// The range lies inside the buffer and no one else touches it while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice(&self, i: usize, len: usize) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.at(i), len)
-    }
-}
 
 /// A matrix operand for `gemm`: element (row, col) sits at `ptr + row * row_stride + col * col_stride`.
 #[derive(Clone, Copy)]
@@ -233,8 +212,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn linear_matches_naive_on_both_paths() {
-        for &(m, k, n) in &[(1, 37, 130), (3, 64, 65), (9, 33, 17), (40, 100, 70)] {
+    fn linear_matches_naive_on_every_path() {
+        // few rows (<= 64), split columns (65..=256 rows), threaded GEMM (> 256 rows)
+        let shapes = [
+            (1, 37, 130),
+            (3, 64, 65),
+            (9, 33, 17),
+            (40, 100, 70),
+            (65, 48, 130),
+            (200, 70, 257),
+            (256, 16, 64),
+            (257, 40, 90),
+            (600, 33, 129),
+        ];
+        for &(m, k, n) in &shapes {
             let x = values(m * k, 1.0);
             let w = values(n * k, 2.0);
             let bias = values(n, 3.0);

@@ -10,7 +10,8 @@ use std::sync::Mutex;
 
 use super::few_rows;
 use super::math::dispatch;
-use super::matmul::{self, DisjointWrites};
+use super::matmul;
+use super::pool::DisjointWrites;
 use super::quantize::{check_bits, levels, quantize_scalar, quantize_slice};
 use super::rng::fill_normal_serial;
 use super::simd::{sum, RowsAlignedLike};

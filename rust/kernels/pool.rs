@@ -80,3 +80,24 @@ pub fn pool() -> &'static ThreadPool {
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
 }
+
+/// A pointer into an output buffer that parallel tasks share, each writing only its own
+/// disjoint part (columns of a product, heads of an attention output, rows of a batch).
+pub(crate) struct DisjointWrites<T = f32>(pub *mut T);
+// SAFETY: users write disjoint ranges only; the buffer outlives the parallel region.
+unsafe impl<T> Sync for DisjointWrites<T> {}
+
+impl<T> DisjointWrites<T> {
+    pub fn at(&self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+
+    /// Elements `i..i + len` as a slice.
+    ///
+    /// # Safety
+    /// The range lies inside the buffer and no one else touches it while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, i: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.at(i), len)
+    }
+}

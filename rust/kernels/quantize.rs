@@ -1,7 +1,7 @@
 //! Uniform k-bit fake quantization: clamp to [min, max], snap to one of 2^bits levels, map back.
 
 use super::math::dispatch;
-use super::matmul::DisjointWrites;
+use super::pool::DisjointWrites;
 use super::team;
 use crate::error::{EllmError, Result};
 

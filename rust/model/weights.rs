@@ -45,7 +45,7 @@ pub fn linear_group(mats: &[&Matrix], biases: &[Option<&[f32]>], x: &[f32], m: u
                 Storage::F32(d) => (d.as_slice(), w.rows),
             })
             .collect();
-        few_rows::linear_many(x, m, mats[0].cols, &weights, &mut outs);
+        few_rows::linear_many(x, mats[0].cols, &weights, &mut outs);
         for (out, bias) in outs.iter_mut().zip(biases) {
             if let Some(b) = bias {
                 out.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
