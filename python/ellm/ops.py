@@ -27,7 +27,10 @@ _U64 = 1 << 64
 def _f32(x: Any, name: str) -> np.ndarray:
     """A C-contiguous, aligned float32 array (0-d stays 0-d), copied only where needed."""
     try:
-        return np.require(np.asarray(x, dtype=np.float32), requirements=["C", "A"])
+        a = np.asarray(x, dtype=np.float32)
+        if a.flags.c_contiguous and a.flags.aligned:
+            return a
+        return np.require(a, requirements=["C", "A"])
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}: {exc}") from None
 
@@ -262,10 +265,16 @@ def optical_linear(
     if not (0.0 <= noise_level <= 1.0 and 0.0 <= temp_drift <= 1.0):
         name, value = ("noise_level", noise_level) if not 0.0 <= noise_level <= 1.0 else ("temp_drift", temp_drift)
         raise ValueError(f"{name} must be in [0, 1], got {value}")
-    y, mask = _impl().optical_linear(
-        _rows(x), w, b, precision, noise_level, temp_drift,
-        float(attenuation), float(thermal_std), bool(training), _u64(seed, "seed"), bool(return_mask),
-    )
+    return optical_linear_checked(x, w, b, precision, noise_level, temp_drift, float(attenuation), float(thermal_std),
+                                  bool(training), _u64(seed, "seed"), bool(return_mask))
+
+
+def optical_linear_checked(x, w, b, precision, noise_level, temp_drift, attenuation, thermal_std, training, seed,
+                           return_mask):
+    """`optical_linear` on arguments already checked (float32 C-contiguous arrays that fit, a
+    valid profile and seed): for callers that check once, such as `ellm.optical.torch`."""
+    y, mask = _impl().optical_linear(_rows(x), w, b, precision, noise_level, temp_drift, attenuation, thermal_std,
+                                     training, seed, return_mask)
     if x.ndim != 2:
         y = y.reshape(*x.shape[:-1], w.shape[0])
     if return_mask:
