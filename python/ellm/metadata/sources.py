@@ -111,7 +111,7 @@ def _gguf_headers(path: str) -> list[TensorHeader]:
         for i in range(n_kv):
             key = read(u64(f"the length of key {i}"), f"key {i}").decode("utf-8", errors="replace")
             skip_value(u32(f"the type of {key}"), key)
-        headers = []
+        headers, spans = [], []
         for i in range(n_tensors):
             name = read(u64(f"the name length of tensor {i}"), f"the name of tensor {i}").decode("utf-8")
             n_dims = u32(f"the dimension count of {name}")
@@ -122,16 +122,19 @@ def _gguf_headers(path: str) -> list[TensorHeader]:
                 kind = GGMLQuantizationType(u32(f"the type of {name}"))
             except ValueError as exc:
                 raise ModelFormatError(f"{path}: tensor {name}: {exc}") from None
-            u64(f"the data offset of {name}")
+            offset = u64(f"the data offset of {name}")
             block, type_size = GGML_QUANT_SIZES[kind]
             count = 1
             for d in dims:
                 count *= d
             nbytes = count // block * type_size
-            if nbytes > size:
-                raise ModelFormatError(f"{path}: tensor {name} of shape {tuple(reversed(dims))} ({kind.name}) needs "
-                                       f"{nbytes:,} bytes, more than the file's {size:,}")
+            spans.append((name, tuple(reversed(dims)), kind.name, offset, nbytes))
             headers.append(TensorHeader(name, tuple(reversed(dims)), kind.name, nbytes))
+        data_size = size - fh.tell()  # the data section starts after the header (and its alignment)
+        for name, shape, kind_name, offset, nbytes in spans:
+            if offset + nbytes > data_size:
+                raise ModelFormatError(f"{path}: GGUF tensor {name} of shape {shape} ({kind_name}) needs {nbytes:,} "
+                                       f"bytes at offset {offset:,} of a {data_size:,}-byte data section (truncated?)")
     return headers
 
 
