@@ -64,3 +64,13 @@ def build(backend_name, args, state_dict):
 def models(checkpoint, state_dict):
     """The bundled model on each backend."""
     return {b: build(b, checkpoint.args, state_dict) for b in BACKENDS}
+
+
+def load_on(backend_name, path, **kwargs):
+    """Transformer.from_pretrained(path) on the named backend, restoring the previous one."""
+    previous = ellm.get_backend()
+    ellm.set_backend(backend_name)
+    try:
+        return ellm.Transformer.from_pretrained(path, **kwargs)
+    finally:
+        ellm.set_backend(previous)

@@ -105,8 +105,13 @@ def convert(folder: str, out: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQ
             w.add_tensor(target, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(target, t)
+    finish(w)
+    return out
+
+
+def finish(w: gguf.GGUFWriter) -> None:
+    """Write the header, the metadata and the tensors, and close the file."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return out

@@ -16,8 +16,8 @@ from ellm import HookRegistry, ModelArgs, Transformer
 from ellm.errors import ModelFormatError
 from ellm.weights import open_checkpoint
 
-from conftest import BACKENDS, DATA
-from hf_to_gguf import convert
+from conftest import BACKENDS, DATA, load_on
+from hf_to_gguf import convert, finish
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 ARCHS = os.path.join(DATA, "archs")
@@ -38,12 +38,7 @@ def config(family):
 
 
 def load(path, backend):
-    previous = ellm.get_backend()
-    ellm.set_backend(backend)
-    try:
-        return Transformer.from_pretrained(path)
-    finally:
-        ellm.set_backend(previous)
+    return load_on(backend, path)
 
 
 def cut_at_eos(row):
@@ -259,10 +254,7 @@ def test_gguf_refusals(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "phi3.gguf"), "phi3")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     with pytest.raises(ModelFormatError, match="phi3"):
         Transformer.from_pretrained(str(tmp_path / "phi3.gguf"))
 

@@ -16,6 +16,7 @@ from ellm import ModelArgs, Transformer, ops
 from ellm.errors import ModelFormatError
 
 from conftest import BACKENDS, DATA
+from hf_to_gguf import convert, finish
 
 TINY = os.path.join(DATA, "archs", "llama")
 
@@ -133,24 +134,16 @@ def test_meta_params_with_zero_sizes(tmp_path):
 def test_gguf_declaring_four_billion_layers_fails_at_once(tmp_path):
     import gguf
 
-    from hf_to_gguf import convert
-
-    path = convert(TINY, str(tmp_path / "ok.gguf"))
-    reader_bytes = open(path, "rb").read()
     w = gguf.GGUFWriter(str(tmp_path / "layers.gguf"), "llama")
     w.add_block_count(2**32 - 1)
-    for key, value in (("context_length", 256), ("embedding_length", 64), ("feed_forward_length", 160),
-                       ("attention.head_count", 4), ("attention.layer_norm_rms_epsilon", 1e-5)):
-        getattr(w, "add_" + {"context_length": "context_length", "embedding_length": "embedding_length",
-                             "feed_forward_length": "feed_forward_length", "attention.head_count": "head_count",
-                             "attention.layer_norm_rms_epsilon": "layer_norm_rms_eps"}[key])(value)
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(160)
+    w.add_head_count(4)
+    w.add_layer_norm_rms_eps(1e-5)
     w.add_token_list([f"<t{i}>" for i in range(320)])
     w.add_tensor("token_embd.weight", np.zeros((320, 64), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    assert reader_bytes  # the writer above is the same one the valid file came from
+    finish(w)
     started = time.perf_counter()
     with pytest.raises(ModelFormatError, match="4294967295 layers"):
         Transformer.from_pretrained(str(tmp_path / "layers.gguf"))
@@ -189,10 +182,7 @@ def write_gguf(path, arch="llama", tokens=None, merges=None, tensors=None, block
         w.add_token_merges(merges)
     for name, t in (tensors or {"token_embd.weight": np.zeros((3, 4), np.float32)}).items():
         w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -272,8 +262,6 @@ def test_non_finite_weights_in_a_file_are_named(tmp_path, folder):
 
 
 def test_gguf_fields_that_break_the_config_name_the_file(tmp_path):
-    from hf_to_gguf import convert
-
     path = convert(TINY, str(tmp_path / "ok.gguf"))
     raw = bytearray(open(path, "rb").read())
     key = b"llama.attention.head_count"

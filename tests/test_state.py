@@ -14,19 +14,14 @@ import ellm
 from ellm import HookRegistry, Transformer
 from ellm.errors import ModelBusyError
 
-from conftest import BACKENDS, DATA
+from conftest import BACKENDS, DATA, load_on
 
 TINY = os.path.join(DATA, "archs", "llama")
 PROMPTS = [[5, 17, 33, 2, 90, 14, 71], [8, 8, 101, 7, 250, 3, 19]]
 
 
 def tiny(backend):
-    previous = ellm.get_backend()
-    ellm.set_backend(backend)
-    try:
-        return Transformer.from_pretrained(TINY)
-    finally:
-        ellm.set_backend(previous)
+    return load_on(backend, TINY)
 
 
 class Boom(Exception):
