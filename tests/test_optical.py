@@ -89,17 +89,17 @@ def test_noise_variance_follows_shot_plus_thermal(b):
         assert part.var() == pytest.approx(0.05**2 * s + 0.005**2, rel=0.03)
 
 
-@pytest.mark.parametrize("b", ["rust", "numpy"])
-def test_same_result_for_any_thread_count(b):
-    # A batch the threads split by rows, a lone row whose outputs they split (its noise drawn
-    # beside the product) and a few rows whose outputs they split.
-    code = ("import numpy as np, ellm; from ellm import ops; ellm.set_backend(%r)\n"
+def test_same_result_for_any_thread_count():
+    """The Rust kernel's threads: a batch they split by rows, a lone row whose outputs they split
+    (its noise drawn beside the product) and a few rows whose outputs they split. (The NumPy twin
+    has no threads of its own; test_rust_against_numpy_for_the_same_seed compares the two.)"""
+    code = ("import numpy as np, ellm; from ellm import ops; ellm.set_backend('rust')\n"
             "for batch, n_in, n_out in ((33, 40, 70), (1, 300, 300), (3, 300, 300)):\n"
             "    x = np.random.default_rng(0).random((batch, n_in), dtype=np.float32)\n"
             "    w = np.random.default_rng(1).standard_normal((n_out, n_in)).astype(np.float32) * 0.1\n"
             "    y = ops.optical_linear(x, w, precision=8, noise_level=0.1, temp_drift=0.05, attenuation=0.9,\n"
             "                           training=True, seed=5)\n"
-            "    print(y.tobytes().hex())" % b)
+            "    print(y.tobytes().hex())")
     outs = set()
     for threads in ("1", "2"):
         env = dict(os.environ, RAYON_NUM_THREADS=threads)
