@@ -1,5 +1,5 @@
 # `make demo`: set up .venv with ellm built in release mode and the bundled model, then chat.
-# `make test`: the same set-up, then the Rust tests and pytest.
+# `make test`: the same set-up, then the Rust tests and pytest (again with the extension hidden).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,6 +25,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	cargo test --release --no-default-features
 	$(PY) -m pytest -q
+	@echo "The suite again as where the Rust extension is not built (its Rust-only tests skip, saying so):"
+	ELLM_TEST_WITHOUT_RUST=1 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) benches/bench_ops.py

@@ -189,7 +189,8 @@ def test_same_numbers_on_both_backends_and_any_thread_count():
             "x = torch.rand(33, 300, generator=torch.Generator().manual_seed(0))\n"
             "y = l(x); print(ellm.get_backend(), float(y.sum()), float(y.abs().max()))\n")
     outs = {}
-    for env in ({"RAYON_NUM_THREADS": "1"}, {"RAYON_NUM_THREADS": "2"}, {"LUMINA_USE_RUST": "0"}):
+    for env in ({"RAYON_NUM_THREADS": "1", "LUMINA_USE_RUST": "1"}, {"RAYON_NUM_THREADS": "2", "LUMINA_USE_RUST": "1"},
+                {"LUMINA_USE_RUST": "0"}):
         run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
                              text=True, check=True)
         outs[tuple(env.items())] = run.stdout.split()

@@ -25,6 +25,13 @@ except ImportError as exc:  # the extension was not built, or was hidden
 _current: str | None = None
 
 
+def require_rust() -> ModuleType:
+    """`ellm._lowlevel`, or BackendUnavailableError saying why it is missing."""
+    if _rust is None:
+        raise BackendUnavailableError(f"the Rust backend is not available: {_import_error}")
+    return _rust
+
+
 def rust_available() -> bool:
     """True when the Rust extension `ellm._lowlevel` imported."""
     return _rust is not None
@@ -59,8 +66,8 @@ def set_backend(name: str) -> None:
     global _current
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "rust" and _rust is None:
-        raise BackendUnavailableError(f"the Rust backend is not available: {_import_error}")
+    if name == "rust":
+        require_rust()
     _current = name
 
 
