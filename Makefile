@@ -24,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	cargo test --release --no-default-features
+	@# the SIMD paths this CPU can run (Rust tests cannot skip at run time, so these are #[ignore]d)
+	if grep -qw avx512f /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo; then \
+		cargo test --release --no-default-features -- --ignored avx512_; \
+	else echo "AVX-512 kernel tests not run: this CPU lacks AVX-512F/VL"; fi
+	if grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then \
+		cargo test --release --no-default-features -- --ignored avx2_; \
+	else echo "AVX2 kernel tests not run: this CPU lacks AVX2/FMA"; fi
 	$(PY) -m pytest -q
 	@echo "The suite again as where the Rust extension is not built (its Rust-only tests skip, saying so):"
 	ELLM_TEST_WITHOUT_RUST=1 $(PY) -m pytest -q -p no:cacheprovider
