@@ -280,3 +280,16 @@ def test_the_loader_refuses_a_hostile_gguf_header_at_once(tmp_path):
     with pytest.raises(ModelFormatError, match="declares"):
         Transformer.from_pretrained(str(tmp_path / "kv.gguf"))
     assert time.perf_counter() - started < 1
+
+
+def test_the_engine_takes_its_tensor_list_from_model_args_and_refuses_names_it_cannot_hold():
+    from ellm._backend import require_rust
+
+    engine_class = require_rust().LlamaEngine
+    args = ModelArgs.from_config_file(TINY)
+    config = args.engine_config()
+    assert dict((n, tuple(s)) for n, s in config["tensors"]) == args.expected_shapes()
+    for bad, match in (([("model.layers.0.self_attn.rotary.weight", [8])], "no place"),
+                       ([("model.layers.0.mlp.up_proj.weight", [160])], "2 dimensions")):
+        with pytest.raises(ValueError, match=match):
+            engine_class({**config, "tensors": config["tensors"] + bad})

@@ -272,6 +272,7 @@ class ModelArgs:
             "qk_norm": self.qk_norm, "layer_windows": self.layer_windows(),
             "tie_word_embeddings": bool(self.tie_word_embeddings), "max_seq_len": self.max_seq_len,
             "max_batch_size": self.max_batch_size,
+            "tensors": [(name, list(shape)) for name, shape in self.expected_shapes().items()],
         }
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -54,6 +54,7 @@ fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
         tie_word_embeddings: get(d, "tie_word_embeddings")?,
         max_seq_len: get(d, "max_seq_len")?,
         max_batch_size: get(d, "max_batch_size")?,
+        tensors: get(d, "tensors")?,
     })
 }
 

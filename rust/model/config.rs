@@ -27,6 +27,8 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub max_seq_len: usize,
     pub max_batch_size: usize,
+    /// Every tensor of the model by Hugging Face name, with its shape.
+    pub tensors: Vec<(String, Vec<usize>)>,
 }
 
 impl LlamaConfig {

@@ -109,7 +109,9 @@ impl Llama {
             config.max_seq_len,
             config.head_dim,
         )?;
-        Ok(Llama { weights: Weights::empty(&config), config, cache, rope_cos, rope_sin, loaded: false })
+        let mut weights = Weights::empty(&config);
+        weights.check_places(&config)?;
+        Ok(Llama { weights, config, cache, rope_cos, rope_sin, loaded: false })
     }
 
     pub fn set_weight(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> Result<()> {

@@ -1,4 +1,6 @@
-//! How the model's tensors are stored, under their Hugging Face names.
+//! How the model's tensors are stored, under their Hugging Face names. Which tensors a model
+//! has, and their shapes, come with its config (`LlamaConfig::tensors`, from the Python
+//! `ModelArgs.expected_shapes`, the one list of them).
 //!
 //! Every matrix is a `Matrix`; today its storage is f32. A quantized storage (GGUF blocks
 //! multiplied directly) is a new `Storage` variant with its own `linear`.
@@ -90,47 +92,6 @@ pub struct Weights {
     pub lm_head: Option<Matrix>,
 }
 
-/// The shape every tensor of a model with this config must have, by Hugging Face name.
-pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}.");
-        let mut add = |name: &str, shape: Vec<usize>| shapes.push((format!("{p}{name}"), shape));
-        add("input_layernorm.weight", vec![h]);
-        add("self_attn.q_proj.weight", vec![q, h]);
-        add("self_attn.k_proj.weight", vec![kv, h]);
-        add("self_attn.v_proj.weight", vec![kv, h]);
-        add("self_attn.o_proj.weight", vec![h, q]);
-        if cfg.qkv_bias {
-            add("self_attn.q_proj.bias", vec![q]);
-            add("self_attn.k_proj.bias", vec![kv]);
-            add("self_attn.v_proj.bias", vec![kv]);
-        }
-        if cfg.o_bias {
-            add("self_attn.o_proj.bias", vec![h]);
-        }
-        if cfg.qk_norm {
-            add("self_attn.q_norm.weight", vec![cfg.head_dim]);
-            add("self_attn.k_norm.weight", vec![cfg.head_dim]);
-        }
-        add("post_attention_layernorm.weight", vec![h]);
-        add("mlp.gate_proj.weight", vec![i, h]);
-        add("mlp.up_proj.weight", vec![i, h]);
-        add("mlp.down_proj.weight", vec![h, i]);
-        if cfg.mlp_bias {
-            add("mlp.gate_proj.bias", vec![i]);
-            add("mlp.up_proj.bias", vec![i]);
-            add("mlp.down_proj.bias", vec![h]);
-        }
-    }
-    shapes.push(("model.norm.weight".to_string(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        shapes.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
-    }
-    shapes
-}
-
 /// Where one named tensor lives inside `Weights`.
 enum Slot<'a> {
     Vector(&'a mut Vec<f32>),
@@ -187,15 +148,17 @@ impl Weights {
 
     /// Store one tensor under its Hugging Face name, checking its shape.
     pub fn set(&mut self, cfg: &LlamaConfig, name: &str, shape: &[usize], data: Vec<f32>) -> Result<()> {
-        let expected = expected_shapes(cfg)
-            .into_iter()
+        let expected = cfg
+            .tensors
+            .iter()
             .find(|(n, _)| n == name)
             .map(|(_, s)| s)
             .ok_or_else(|| EllmError::Value(format!("unexpected weight {name:?} for this config")))?;
         if expected != shape || data.len() != shape.iter().product::<usize>() {
             return Err(EllmError::Value(format!("weight {name:?} has shape {shape:?}, expected {expected:?}")));
         }
-        match self.slot(name).expect("every expected name has a slot") {
+        let slot = self.slot(name).ok_or_else(|| EllmError::Value(format!("the engine has no place for {name:?}")))?;
+        match slot {
             Slot::Vector(v) => *v = data,
             Slot::Bias(b) => *b = Some(data),
             Slot::Matrix(m) => *m = Some(Matrix { rows: shape[0], cols: shape[1], storage: Storage::F32(data) }),
@@ -205,6 +168,21 @@ impl Weights {
 
     /// The names of the tensors not set yet.
     pub fn missing(&mut self, cfg: &LlamaConfig) -> Vec<String> {
-        expected_shapes(cfg).into_iter().map(|(n, _)| n).filter(|n| !self.slot(n).is_some_and(|s| s.is_set())).collect()
+        cfg.tensors.iter().map(|(n, _)| n.clone()).filter(|n| !self.slot(n).is_some_and(|s| s.is_set())).collect()
+    }
+
+    /// Every tensor of the config has a place here, with the rank that place takes.
+    pub fn check_places(&mut self, cfg: &LlamaConfig) -> Result<()> {
+        for (name, shape) in &cfg.tensors {
+            let rank = match self.slot(name) {
+                Some(Slot::Matrix(_)) => 2,
+                Some(_) => 1,
+                None => return Err(EllmError::Value(format!("the engine has no place for tensor {name:?}"))),
+            };
+            if shape.len() != rank {
+                return Err(EllmError::Value(format!("tensor {name:?} must have {rank} dimensions, got {shape:?}")));
+            }
+        }
+        Ok(())
     }
 }
