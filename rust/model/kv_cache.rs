@@ -45,16 +45,12 @@ impl KvCache {
 
     /// Zero what was written; the rest is still zero.
     pub fn reset(&mut self) {
-        for b in 0..self.batch {
-            let n = std::mem::take(&mut self.filled[b]);
-            for layer in 0..self.layers {
-                for g in 0..self.kv_heads {
-                    let at = self.offset(layer, b, g, 0);
-                    self.keys[at..at + n * self.head_dim].fill(0.0);
-                    self.values[at..at + n * self.head_dim].fill(0.0);
-                }
-            }
+        for (b, at) in self.spans(self.batch, 0) {
+            let n = self.filled[b] * self.head_dim;
+            self.keys[at..at + n].fill(0.0);
+            self.values[at..at + n].fill(0.0);
         }
+        self.filled.fill(0);
     }
 
     fn sequence_len(&self) -> usize {
@@ -80,11 +76,11 @@ impl KvCache {
     /// they hold values (appending to a sequence saves nothing).
     pub fn save(&self, rows: usize, start: usize, end: usize) -> Saved {
         let mut saved = Saved { rows, start, end, filled: self.filled.clone(), keys: Vec::new(), values: Vec::new() };
-        self.for_each_span(rows, start, |b, at, _| {
+        for (b, at) in self.spans(rows, start) {
             let n = end.min(self.filled[b]).saturating_sub(start) * self.head_dim;
             saved.keys.extend_from_slice(&self.keys[at..at + n]);
             saved.values.extend_from_slice(&self.values[at..at + n]);
-        });
+        }
         saved
     }
 
@@ -92,9 +88,7 @@ impl KvCache {
     pub fn restore(&mut self, saved: Saved) {
         let (d, mut from) = (self.head_dim, 0);
         let (start, end) = (saved.start, saved.end);
-        let mut spans = Vec::new();
-        self.for_each_span(saved.rows, start, |b, at, _| spans.push((b, at)));
-        for (b, at) in spans {
+        for (b, at) in self.spans(saved.rows, start) {
             let kept = end.min(saved.filled[b]).saturating_sub(start) * d;
             self.keys[at..at + kept].copy_from_slice(&saved.keys[from..from + kept]);
             self.values[at..at + kept].copy_from_slice(&saved.values[from..from + kept]);
@@ -106,15 +100,18 @@ impl KvCache {
         self.filled = saved.filled;
     }
 
-    /// Calls `f(b, offset of position start, layer)` for every (layer, sequence, head) span.
-    fn for_each_span(&self, rows: usize, start: usize, mut f: impl FnMut(usize, usize, usize)) {
+    /// (sequence, offset of position `start`) of every (layer, sequence, head) run of positions,
+    /// for sequences `0..rows`.
+    fn spans(&self, rows: usize, start: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::with_capacity(self.layers * rows * self.kv_heads);
         for layer in 0..self.layers {
             for b in 0..rows {
                 for g in 0..self.kv_heads {
-                    f(b, self.offset(layer, b, g, start), layer);
+                    out.push((b, self.offset(layer, b, g, start)));
                 }
             }
         }
+        out
     }
 
     /// Keys and values of sequence b in `layer`, as attention reads them.

@@ -102,6 +102,8 @@ impl Llama {
         let inv_freq = rope::inv_freq(config.head_dim, config.rope_theta, &config.rope_scaling)?;
         let positions: Vec<usize> = (0..config.max_seq_len).collect();
         let (rope_cos, rope_sin) = rope::cos_sin_table(&positions, &inv_freq);
+        let mut weights = Weights::empty(&config);
+        weights.check_places(&config)?;
         let cache = KvCache::new(
             config.num_layers,
             config.max_batch_size,
@@ -109,8 +111,6 @@ impl Llama {
             config.max_seq_len,
             config.head_dim,
         )?;
-        let mut weights = Weights::empty(&config);
-        weights.check_places(&config)?;
         Ok(Llama { weights, config, cache, rope_cos, rope_sin, loaded: false })
     }
 
