@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelFormatError
-from .ops import check_size, rope_scaling_params
+from .ops import check_size, is_positive_number, rope_scaling_params
 
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -162,7 +161,7 @@ class ModelArgs:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not is_positive_number(value):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
@@ -317,8 +316,7 @@ def _from_meta_params(p: dict) -> dict:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"params.json: {key} must be a positive int, got {value!r}")
     multiplier = p.get("ffn_dim_multiplier")
-    if multiplier is not None and (isinstance(multiplier, bool) or not isinstance(multiplier, (int, float))
-                                   or not math.isfinite(multiplier) or multiplier <= 0):
+    if multiplier is not None and not is_positive_number(multiplier):
         raise ValueError(f"params.json: ffn_dim_multiplier must be a finite number > 0, got {multiplier!r}")
     hidden = int(2 * (4 * dim) / 3)
     if multiplier is not None:

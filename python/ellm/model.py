@@ -33,12 +33,15 @@ def _as_float32(value: Any, name: str) -> np.ndarray:
         raise TypeError(f"weight {name!r} is not an array: {exc}") from None
 
 
-def _check_finite(array: np.ndarray, name: str, allowed: bool) -> None:
+def _weight(value: Any, name: str, allow_non_finite: bool) -> np.ndarray:
+    """A tensor as the float32 array the engines take, refusing NaN and infinite values unless allowed."""
+    array = _as_float32(value, name)
     # a float64 sum is finite exactly when every value is (float32 values cannot overflow it)
-    if not allowed and array.size and not np.isfinite(np.sum(array, dtype=np.float64)):
+    if not allow_non_finite and array.size and not np.isfinite(np.sum(array, dtype=np.float64)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise ModelFormatError(f"weight {name!r} holds {bad} NaN or infinite values (a corrupt file? GGUF and "
                                "safetensors carry no checksum); pass allow_non_finite=True to load it anyway")
+    return array
 
 
 def _shape_of(value: Any) -> tuple[int, ...]:
@@ -153,8 +156,7 @@ class Transformer:
         """Fill a new engine tensor by tensor; swap it in only when every tensor went in."""
         engine = self._new_engine()
         for name, get in tensors:
-            array = _as_float32(get(), name)
-            _check_finite(array, name, allow_non_finite)
+            array = _weight(get(), name, allow_non_finite)
             engine.set_weight(name, array)
             del array
         engine.check_loaded()
@@ -165,9 +167,7 @@ class Transformer:
     def _update(self, tensors: dict[str, Any], allow_non_finite: bool = False) -> None:
         """Replace some tensors of the current engine (all converted first, so a bad one changes
         nothing); the others, and the KV cache, stay."""
-        arrays = {name: _as_float32(value, name) for name, value in tensors.items()}
-        for name, array in arrays.items():
-            _check_finite(array, name, allow_non_finite)
+        arrays = {name: _weight(value, name, allow_non_finite) for name, value in tensors.items()}
         with self._exclusive():
             for name, array in arrays.items():
                 self._engine.set_weight(name, array)

@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 _U64 = 1 << 64
+THERMAL_STD = 0.005  # the optical layer's thermal noise floor (std of the additive noise)
 
 
 def _f32(x: Any, name: str) -> np.ndarray:
@@ -33,6 +34,12 @@ def _f32(x: Any, name: str) -> np.ndarray:
         return np.require(a, requirements=["C", "A"])
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}: {exc}") from None
+
+
+def is_positive_number(value: Any) -> bool:
+    """A real, finite number > 0 (not a bool)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value > 0
 
 
 def _physical_memory() -> int:
@@ -135,7 +142,7 @@ def rope_scaling_params(scaling: Mapping[str, Any] | None) -> tuple[str, list[fl
             if key not in scaling:
                 raise ValueError(f"rope scaling {kind!r} needs the key {key!r}")
             value = scaling[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not is_positive_number(value):
                 raise ValueError(f"rope scaling {kind!r}: {key} must be a finite number > 0, got {value!r}")
             params.append(float(value))
         if kind == "llama3" and not params[1] < params[2]:
@@ -245,7 +252,7 @@ def optical_linear(
     attenuation: float,
     training: bool,
     seed: int,
-    thermal_std: float = 0.005,
+    thermal_std: float = THERMAL_STD,
     return_mask: bool = False,
 ):
     """The fused optical layer (see `ellm.optical`): DAC, product, drift and noise (training),

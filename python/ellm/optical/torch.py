@@ -36,8 +36,6 @@ from .profiles import DEFAULT_PROFILE, HardwareProfile, resolve_profile
 
 __all__ = ["OpticalLinear", "OpticalLinearFunction"]
 
-THERMAL_STD = 0.005  # ops.optical_linear's default, as ellm.optical.OpticalLinear uses it
-
 
 def _kernel_array(t: torch.Tensor):
     """A float32 CPU tensor as the NumPy array sharing its memory."""
@@ -60,7 +58,7 @@ def _as_float32_cpu(t: torch.Tensor, name: str) -> torch.Tensor:
 def _kernel(x, weight, bias, profile: HardwareProfile, noisy: bool, seed: int, want_mask: bool):
     # the module has checked everything ops.optical_linear would (shapes, dtype, profile, seed)
     return ops.optical_linear_checked(x, weight, bias, profile.precision, float(profile.noise_level),
-                                      float(profile.temp_drift), float(profile.attenuation), THERMAL_STD, noisy, seed,
+                                      float(profile.temp_drift), float(profile.attenuation), ops.THERMAL_STD, noisy, seed,
                                       want_mask)
 
 
