@@ -2,6 +2,7 @@
 //! "python" feature) exposes them to Python as `ellm._lowlevel`.
 
 pub mod error;
+pub mod formats;
 pub mod kernels;
 pub mod model;
 

@@ -39,7 +39,7 @@ def test_a_dropped_model_returns_its_memory():
 
     gc.collect()
     before = rss_mb()
-    m = load_on("rust" if "rust" in BACKENDS else "numpy", bundled_model_path())
+    m = load_on("rust" if "rust" in BACKENDS else "numpy", bundled_model_path(), dtype="f32")
     m.forward([[1, 2, 3]])
     loaded = rss_mb()
     assert loaded - before > 400  # 538 MB of f32 weights

@@ -61,19 +61,20 @@ class Llama:
 
     def __init__(self, model_path: str | os.PathLike | None = None, tokenizer_path: str | os.PathLike | None = None,
                  max_seq_len: int = 2048, max_batch_size: int = 4, seed: int = 1,
-                 progress: Callable | None = None) -> None:
+                 progress: Callable | None = None, dtype: str = "auto") -> None:
         path = os.fspath(model_path) if model_path is not None else bundled_model_path()
         if not os.path.exists(path):
             raise FileNotFoundError(f"no model at {path}")
         self.model_path = path
-        self.model = Transformer.from_pretrained(path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                                                 progress=progress)
+        self.model = Transformer.from_pretrained(path, dtype=dtype, max_seq_len=max_seq_len,
+                                                 max_batch_size=max_batch_size, progress=progress)
+        gguf_metadata, self.model._gguf_metadata = self.model._gguf_metadata, None
         if tokenizer_path is not None:
             tokenizer_path = os.fspath(tokenizer_path)
             self.tokenizer = (Tokenizer.from_gguf(tokenizer_path) if tokenizer_path.endswith(".gguf")
                               else Tokenizer.from_file(tokenizer_path))
-        elif path.endswith(".gguf"):
-            self.tokenizer = Tokenizer.from_gguf(path)
+        elif gguf_metadata is not None:  # the file the model came from, already open
+            self.tokenizer = Tokenizer.from_gguf_metadata(gguf_metadata, path)
         else:
             self.tokenizer = Tokenizer.from_file(path)
         self.seed = seed

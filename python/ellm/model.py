@@ -44,6 +44,10 @@ def _weight(value: Any, name: str, allow_non_finite: bool) -> np.ndarray:
     return array
 
 
+# How from_pretrained may keep the weight matrices ("float32" is "f32").
+WEIGHT_DTYPES = ("auto", "f32", "float32", "q8_0", "q4_0")
+
+
 def _shape_of(value: Any) -> tuple[int, ...]:
     shape = getattr(value, "shape", None)
     return tuple(int(d) for d in (shape if shape is not None else np.shape(value)))
@@ -112,6 +116,8 @@ class Transformer:
         self.backend = get_backend()
         self.weights_loaded = False
         self.source: str | None = None
+        self.dtype = "f32"  # how the weights are kept (from_pretrained's dtype)
+        self._gguf_metadata = None
         self._engine = self._new_engine()
         self._registry: HookRegistry | None = None
         self._prefix = ""
@@ -152,10 +158,14 @@ class Transformer:
 
     # ----- loading -----
 
-    def _install(self, tensors: Iterable[tuple[str, Callable[[], Any]]], allow_non_finite: bool = False) -> None:
-        """Fill a new engine tensor by tensor; swap it in only when every tensor went in."""
+    def _install(self, tensors: Iterable[tuple[str, Callable[[], Any]]], allow_non_finite: bool = False,
+                 put: Callable[[Any, str], bool] | None = None) -> None:
+        """Fill a new engine tensor by tensor; swap it in only when every tensor went in. `put`,
+        where given, may place a tensor itself (kept as stored) and returns whether it did."""
         engine = self._new_engine()
         for name, get in tensors:
+            if put is not None and put(engine, name):
+                continue
             array = _weight(get(), name, allow_non_finite)
             engine.set_weight(name, array)
             del array
@@ -205,16 +215,24 @@ class Transformer:
             self._install(((n, lambda n=n: state_dict[n]) for n in expected), allow_non_finite)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, max_seq_len: int | None = None,
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "auto", max_seq_len: int | None = None,
                         max_batch_size: int | None = None, progress: Callable | None = None,
                         allow_non_finite: bool = False) -> Transformer:
         """Load a Hugging Face folder (config.json + safetensors) or a .gguf file.
+
+        `dtype` says how the Rust engine keeps the weight matrices: "auto" as stored (a GGUF's
+        quantized blocks, multiplied as they are; a folder's f32, f16 or bf16), "f32" expanded,
+        "q8_0" or "q4_0" with f32/f16/bf16 matrices quantized on load (already quantized ones
+        stay as stored). Norm vectors are always f32. The NumPy backend always computes in f32.
 
         `progress`, if given, wraps the iterable of tensor names (e.g. `tqdm`). A tensor holding
         NaN or infinite values is refused, naming it, unless allow_non_finite. (Other flipped
         bytes in the weights cannot be detected: GGUF and safetensors carry no checksum.)"""
         from .weights import open_checkpoint
 
+        if not isinstance(dtype, str) or dtype.lower() not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, WEIGHT_DTYPES))}, got {dtype!r}")
+        dtype = dtype.lower()
         ckpt = open_checkpoint(path)
         if ckpt.args is None:
             raise ModelFormatError(f"{path}: no config.json beside the weights, so the model's shape is unknown")
@@ -245,7 +263,21 @@ class Transformer:
         names: Iterable[str] = list(expected)
         if progress is not None:
             names = progress(names)
-        model._install(((n, lambda n=n: ckpt.load(n)) for n in names), allow_non_finite)
+        put = None
+        if model.backend == "rust" and dtype not in ("f32", "float32"):
+            def put(engine, name: str) -> bool:
+                if len(expected[name]) != 2:
+                    return False  # vectors go in as checked float32
+                if ckpt.load_into is not None and ckpt.load_into(engine, name, dtype):
+                    return True
+                if dtype in ("q8_0", "q4_0"):
+                    engine.set_weight(name, _weight(ckpt.load(name), name, allow_non_finite), dtype)
+                    return True
+                return False
+        model._install(((n, lambda n=n: ckpt.load(n)) for n in names), allow_non_finite, put)
+        model.dtype = dtype if model.backend == "rust" else "f32"
+        if ckpt.format == "gguf":
+            model._gguf_metadata = ckpt.contents.metadata  # for Llama's tokenizer, taken once
         model.source = os.fspath(path)
         return model
 
@@ -314,6 +346,13 @@ class Transformer:
             return self._step(tokens, start_pos, all_logits=True)
 
     __call__ = forward
+
+    def weight_types(self) -> dict[str, str]:
+        """How each weight matrix is stored: name -> "F32", "F16", "BF16", "Q4_1", ...
+        (always "F32" on the NumPy backend, which computes in f32)."""
+        if self.backend == "rust":
+            return dict(self._engine.weight_types())
+        return {n: "F32" for n, s in self.model_args.expected_shapes().items() if len(s) == 2}
 
     def reset_cache(self) -> None:
         with self._exclusive():

@@ -211,9 +211,13 @@ class Tokenizer:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no GGUF file at {path}")
-        reader = read(path)
+        return cls.from_gguf_metadata(read(path).metadata, path)
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping, path: str) -> Tokenizer:
+        """`from_gguf` for a file already open (`metadata` as `weights.gguf.read` gives it)."""
         try:
-            return cls._from_gguf_reader(reader, path)
+            return cls._from_gguf_metadata(metadata, path)
         except ModelFormatError:
             raise
         except Exception as exc:  # tokenizers and gguf raise bare Exception, TypeError, UnicodeDecodeError
@@ -221,28 +225,26 @@ class Tokenizer:
                 from None
 
     @classmethod
-    def _from_gguf_reader(cls, reader, path: str) -> Tokenizer:
+    def _from_gguf_metadata(cls, meta: Mapping, path: str) -> Tokenizer:
         from tokenizers import AddedToken, decoders, models, normalizers
         from tokenizers import Tokenizer as HFTokenizer
 
-        from .weights.gguf import field_value
-
-        kind = field_value(reader, "tokenizer.ggml.model")
-        tokens = field_value(reader, "tokenizer.ggml.tokens")
+        kind = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None:
             raise ModelFormatError(f"{path} holds no tokenizer (tokenizer.ggml.tokens is missing)")
-        types = field_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         if kind == "gpt2":
-            merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges") or []]
+            merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
             backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                              ignore_merges=False))
-            backend.pre_tokenizer = _byte_level_pre_tokenizer(field_value(reader, "tokenizer.ggml.pre") or "default")
+            backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre") or "default")
             backend.decoder = decoders.ByteLevel()
         elif kind == "llama":
-            scores = field_value(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-            unk = field_value(reader, "tokenizer.ggml.unknown_token_id", 0)
+            scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
             backend = HFTokenizer(models.Unigram(list(zip(tokens, map(float, scores))), unk_id=unk, byte_fallback=True))
-            prefix = [] if field_value(reader, "tokenizer.ggml.add_space_prefix") is False else [normalizers.Prepend("▁")]
+            prefix = [] if meta.get("tokenizer.ggml.add_space_prefix") is False else [normalizers.Prepend("▁")]
             backend.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
             backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                                 + ([decoders.Strip(" ", 1, 0)] if prefix else []))
@@ -255,13 +257,13 @@ class Tokenizer:
             backend.add_tokens(user)
 
         def token(key: str) -> str | None:
-            i = field_value(reader, key)
+            i = meta.get(key)
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
         eos = [t for t in (token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.eot_token_id")) if t]
         return cls(backend, bos_token=token("tokenizer.ggml.bos_token_id"), eos_tokens=list(dict.fromkeys(eos)),
-                   chat_template=field_value(reader, "tokenizer.chat_template"),
-                   add_bos_token=bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)))
+                   chat_template=meta.get("tokenizer.chat_template"),
+                   add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
 
     # ----- text <-> ids -----
 

@@ -1,6 +1,7 @@
 //! PyO3 only: NumPy in and out, the work done with the GIL released, errors mapped, and no
 //! panic ever crossing into Python.
 
+mod gguf;
 mod model;
 mod ops;
 
@@ -14,6 +15,7 @@ use crate::error::EllmError;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ops::register(m)?;
+    gguf::register(m)?;
     model::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
@@ -22,9 +24,22 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 pub(crate) fn to_py_err(e: EllmError) -> PyErr {
     match e {
         EllmError::Value(msg) => PyValueError::new_err(msg),
+        EllmError::Format(msg) => format_error(msg),
+        EllmError::Io(msg) => pyo3::exceptions::PyOSError::new_err(msg),
         EllmError::Hook => PyRuntimeError::new_err("a hook callback failed"),
         EllmError::Memory(msg) => pyo3::exceptions::PyMemoryError::new_err(msg),
     }
+}
+
+/// `ellm.errors.ModelFormatError` (a ValueError subclass, defined in Python so that both
+/// backends raise the same class).
+fn format_error(msg: String) -> PyErr {
+    Python::attach(|py| {
+        match py.import("ellm.errors").and_then(|m| m.getattr("ModelFormatError")) {
+            Ok(cls) => PyErr::from_type(cls.cast_into().expect("a class"), msg),
+            Err(_) => PyValueError::new_err(msg),
+        }
+    })
 }
 
 /// Kernel work: run with the GIL released, with errors and panics turned into Python

@@ -10,7 +10,12 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use std::sync::Arc;
+
+use super::gguf::GgufReader;
 use super::{compute, guarded, shape_of, slice, to_array};
+use crate::kernels::quant::matrix::SharedBytes;
+use crate::model::weights::{unpermute_map, KeepAs, Matrix, StoredTensor};
 use crate::error::{EllmError, Result};
 use crate::kernels::pool;
 use crate::kernels::rope::RopeScaling;
@@ -115,12 +120,77 @@ impl LlamaEngine {
         Ok(LlamaEngine { model: guarded(|| Llama::new(config))? })
     }
 
-    /// Copy one tensor (a C-contiguous float32 array) into the engine.
-    fn set_weight(&mut self, py: Python<'_>, name: &str, array: PyReadonlyArrayDyn<'_, f32>) -> PyResult<()> {
+    /// Copy one tensor (a C-contiguous float32 array) into the engine; a matrix is kept as
+    /// `dtype` says ("f32", or "q8_0" / "q4_0" to quantize it).
+    #[pyo3(signature = (name, array, dtype="f32"))]
+    fn set_weight(&mut self, py: Python<'_>, name: &str, array: PyReadonlyArrayDyn<'_, f32>, dtype: &str) -> PyResult<()> {
         let shape = shape_of(&array);
         let data = slice(&array, name)?;
+        let keep = KeepAs::from_name(dtype).map_err(super::to_py_err)?;
         let model = &mut self.model;
-        compute(py, || model.set_weight(name, &shape, data.to_vec()))
+        compute(py, || match (keep, shape.as_slice()) {
+            (KeepAs::Quantized(_), &[rows, cols]) => {
+                let bytes: SharedBytes = Arc::new(data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+                let len = data.len() * 4;
+                let stored = StoredTensor { name, type_name: "F32", rows, cols, bytes, range: 0..len };
+                model.set_matrix(name, Matrix::from_stored(stored, keep, None)?)
+            }
+            _ => model.set_weight(name, &shape, data.to_vec()),
+        })
+    }
+
+    /// One matrix from its stored bytes (`type_name` "F16", "BF16", "F32" or a GGML block type),
+    /// kept as `dtype` says ("auto": as stored).
+    fn set_weight_stored(
+        &mut self,
+        py: Python<'_>,
+        name: &str,
+        type_name: &str,
+        shape: (usize, usize),
+        data: numpy::PyReadonlyArray1<'_, u8>,
+        dtype: &str,
+    ) -> PyResult<()> {
+        let keep = KeepAs::from_name(dtype).map_err(super::to_py_err)?;
+        let data = data.as_slice().map_err(|_| PyValueError::new_err("stored bytes must be contiguous"))?;
+        let bytes: SharedBytes = Arc::new(data.to_vec());
+        let model = &mut self.model;
+        compute(py, || {
+            let (rows, cols) = shape;
+            let stored = StoredTensor { name, type_name, rows, cols, bytes, range: 0..data.len() };
+            let m = Matrix::from_stored(stored, keep, None)?;
+            model.set_matrix(name, m)
+        })
+    }
+
+    /// One tensor of a GGUF file, read in place: `gguf_name` there, `name` here. A matrix is
+    /// kept as `dtype` says; `unpermute_heads` > 0 undoes llama.cpp's rotary row order of a Q or
+    /// K projection with that many heads.
+    #[pyo3(signature = (reader, gguf_name, name, dtype="auto", unpermute_heads=0))]
+    fn load_gguf(
+        &mut self,
+        py: Python<'_>,
+        reader: &GgufReader,
+        gguf_name: &str,
+        name: &str,
+        dtype: &str,
+        unpermute_heads: usize,
+    ) -> PyResult<()> {
+        let keep = KeepAs::from_name(dtype).map_err(super::to_py_err)?;
+        let entry = reader.entry(gguf_name)?;
+        let model = &mut self.model;
+        compute(py, || {
+            let shape = entry.shape();
+            let row_map = (unpermute_heads > 0 && shape.len() == 2).then(|| unpermute_map(shape[0], unpermute_heads));
+            if shape.len() == 1 {
+                return model.set_weight(name, &shape, reader.matrix(entry, KeepAs::F32, None)?.to_f32());
+            }
+            model.set_matrix(name, reader.matrix(entry, keep, row_map)?)
+        })
+    }
+
+    /// name -> storage type ("F32", "Q4_1", ...) of every matrix loaded.
+    fn weight_types(&self) -> Vec<(String, &'static str)> {
+        self.model.weights.matrix_types()
     }
 
     fn reset_cache(&mut self) {

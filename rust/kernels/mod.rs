@@ -7,6 +7,7 @@ pub mod math;
 pub mod matmul;
 pub mod norm;
 pub mod optical;
+pub mod quant;
 pub mod pool;
 pub mod quantize;
 pub mod rng;

@@ -86,6 +86,8 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 pub(crate) struct DisjointWrites<T = f32>(pub *mut T);
 // SAFETY: users write disjoint ranges only; the buffer outlives the parallel region.
 unsafe impl<T> Sync for DisjointWrites<T> {}
+// SAFETY: as above; a task may carry its share to another thread.
+unsafe impl<T> Send for DisjointWrites<T> {}
 
 impl<T> DisjointWrites<T> {
     pub fn at(&self, i: usize) -> *mut T {

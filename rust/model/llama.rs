@@ -118,6 +118,11 @@ impl Llama {
         self.weights.set(&self.config, name, shape, data)
     }
 
+    /// Store a matrix kept in any storage (quantized blocks, halves).
+    pub fn set_matrix(&mut self, name: &str, matrix: Matrix) -> Result<()> {
+        self.weights.set_matrix(&self.config, name, matrix)
+    }
+
     pub fn reset_cache(&mut self) {
         self.cache.reset();
     }
@@ -194,9 +199,9 @@ impl Llama {
         let mut tap = Tap { hooks, batch, seq };
 
         let embed = self.weights.embed_tokens.as_ref().expect("checked");
-        let mut x = Vec::with_capacity(rows * h);
-        for &t in tokens {
-            x.extend_from_slice(embed.row(t as usize));
+        let mut x = vec![0.0; rows * h];
+        for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            embed.embed_row(t as usize, row);
         }
         tap.emit(-1, "embed_tokens", &x, &[h])?;
 

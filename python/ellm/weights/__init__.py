@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,13 +25,16 @@ class TensorInfo:
 @dataclass
 class Checkpoint:
     """A model on disk: its config (None where no config came with it), its tensors' headers,
-    and `load(name)`, which reads one tensor as float32."""
+    `load(name)`, which reads one tensor as float32, and `load_into(engine, name, dtype)`, which
+    puts one tensor into a Rust engine kept as `dtype` says ("auto": as stored)."""
 
     path: str
     args: ModelArgs | None
     tensors: dict[str, TensorInfo]
     load: Callable[[str], np.ndarray]
     format: str         # "safetensors" or "gguf"
+    load_into: Callable[[Any, str, str], None] | None = None
+    contents: Any = None  # the opened file, where its reader has more to give (a GGUF's metadata)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -1,11 +1,15 @@
-"""GGUF files (llama.cpp), read with the `gguf` package: config from the `{arch}.*` metadata
-(architectures llama, qwen2, qwen3), tensors dequantized to float32 by `gguf.quants`, renamed to
-Hugging Face names, and, for llama, the attention Q/K rows put back from the rotary order that
-llama.cpp's converter gives them (it leaves Qwen's as they are)."""
+"""GGUF files (llama.cpp): config from the `{arch}.*` metadata (architectures llama, qwen2,
+qwen3), tensors renamed to Hugging Face names, and, for llama, the attention Q/K rows put back
+from the rotary order that llama.cpp's converter gives them (it leaves Qwen's as they are).
+
+The Rust engine takes each tensor from the Rust reader as stored (quantized blocks stay blocks);
+float32 copies come from that reader or, without the extension, from the `gguf` package's
+mapping dequantized by `numpy_backend.quants`."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -58,44 +62,94 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, d // n_head // 2, 2, n_in).swapaxes(1, 2).reshape(d, n_in)
 
 
-def field_value(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+class GgufContents:
+    """A GGUF file opened for reading: `metadata` (key -> value, arrays as lists), `tensors`
+    (GGUF name -> TensorInfo with the shape slowest first) and `read(name)` (float32 values).
+
+    With the Rust extension the file is parsed once by its reader (`native`), whose metadata
+    arrives in one call and whose tensors the engine reads in place; without it, by the `gguf`
+    package, dequantized by `numpy_backend.quants`."""
+
+    def __init__(self, path: str, native=None, reader=None) -> None:
+        self.path = path
+        self.native = native
+        self._reader = reader
+        if native is not None:
+            self.metadata = native.metadata()
+            listed = native.tensors()
+        else:
+            self.metadata = _LazyFields(reader)
+            listed = [(t.name, [int(s) for s in reversed(list(t.shape))], t.tensor_type.name, int(t.n_bytes))
+                      for t in reader.tensors]
+        self.tensors = {name: TensorInfo(shape=tuple(shape), dtype=kind, nbytes=nbytes)
+                        for name, shape, kind, nbytes in listed}
+
+    def read(self, name: str) -> np.ndarray:
+        if self.native is not None:
+            return self.native.read(name)
+        from ..numpy_backend.quants import dequantize
+
+        t = next(t for t in self._reader.tensors if t.name == name)
+        return dequantize(np.asarray(t.data).view(np.uint8), t.tensor_type.name, self.tensors[name].shape)
 
 
-def read(path: str):
+class _LazyFields(Mapping):
+    """The `gguf` package's fields, each decoded only when asked for (a vocabulary is large)."""
+
+    def __init__(self, reader) -> None:
+        self._fields = reader.fields
+
+    def __getitem__(self, key: str):
+        if key not in self._fields:
+            raise KeyError(key)
+        return self._fields[key].contents()
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+
+def read(path: str) -> GgufContents:
+    """Open a GGUF file; a truncated or corrupt one raises ModelFormatError."""
+    from .._backend import rust_available
+
+    if rust_available():
+        from .. import _lowlevel
+
+        return GgufContents(path, native=_lowlevel.GgufReader(path))
     import gguf
 
     from ..metadata.sources import from_gguf
 
     from_gguf(path)  # every count and size against the file's length first: fails in milliseconds
     try:
-        return gguf.GGUFReader(path)
+        return GgufContents(path, reader=gguf.GGUFReader(path))
     except Exception as exc:  # the reader raises assorted errors on truncated or foreign files
         raise ModelFormatError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
 
 
-def model_args(reader, path: str) -> ModelArgs:
-    arch = field_value(reader, "general.architecture")
+def model_args(contents: GgufContents, path: str) -> ModelArgs:
+    meta = contents.metadata
+    arch = meta.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ModelFormatError(f"{path}: architecture {arch!r} is not supported; ellm runs "
                                f"{', '.join(_ARCHITECTURES)}")
 
     def need(key: str):
-        value = field_value(reader, f"{arch}.{key}")
+        value = meta.get(f"{arch}.{key}")
         if value is None:
             raise ModelFormatError(f"{path}: GGUF metadata '{arch}.{key}' is missing")
         return value
 
     def optional(key: str, default=None):
-        return field_value(reader, f"{arch}.{key}", default)
+        return meta.get(f"{arch}.{key}", default)
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    vocab = optional("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    tensors = {t.name: t for t in reader.tensors}
+    vocab = optional("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
+    tensors = contents.tensors
     d = {
         "model_type": _ARCHITECTURES[arch],
         "vocab_size": int(vocab),
@@ -110,9 +164,9 @@ def model_args(reader, path: str) -> ModelArgs:
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
-        "bos_token_id": field_value(reader, "tokenizer.ggml.bos_token_id", 1),
-        "eos_token_id": field_value(reader, "tokenizer.ggml.eos_token_id", 2),
-        "pad_token_id": field_value(reader, "tokenizer.ggml.padding_token_id"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id", 1),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", 2),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
     window = optional("attention.sliding_window")
     if window:
@@ -125,42 +179,40 @@ def model_args(reader, path: str) -> ModelArgs:
     elif scaling_type not in (None, "none"):
         raise ModelFormatError(f"{path}: rope scaling {scaling_type!r} is not supported")
     if ROPE_FREQS in tensors:
-        from gguf import quants
-
-        t = tensors[ROPE_FREQS]
-        factors = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+        factors = np.asarray(contents.read(ROPE_FREQS), dtype=np.float64).reshape(-1)
         d["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors.tolist()}
     return ModelArgs.from_dict(d)
 
 
 def open_gguf(path: str) -> Checkpoint:
-    from gguf import quants
-
-    reader = read(path)
-    args = model_args(reader, path)
-    by_name = {}
+    contents = read(path)
+    args = model_args(contents, path)
+    gguf_names = {}
     tensors: dict[str, TensorInfo] = {}
-    for t in reader.tensors:
-        if t.name == ROPE_FREQS:
+    for gguf_name, info in contents.tensors.items():
+        if gguf_name == ROPE_FREQS:
             continue  # read into args.rope_scaling
-        name = hf_name(t.name) or t.name  # a tensor ellm has no name for stays, to be refused by name
-        by_name[name] = t
-        shape = tuple(int(s) for s in reversed(list(t.shape)))  # GGUF lists dims fastest first
-        tensors[name] = TensorInfo(shape=shape, dtype=t.tensor_type.name, nbytes=int(t.n_bytes))
+        name = hf_name(gguf_name) or gguf_name  # a tensor ellm has no name for stays, to be refused by name
+        gguf_names[name] = gguf_name
+        tensors[name] = info
+
+    def heads_to_unpermute(name: str) -> int:
+        if args.model_type not in ("llama", "mistral"):
+            return 0  # llama.cpp's converter permutes only Llama-arch Q/K rows
+        if name.endswith("self_attn.q_proj.weight"):
+            return args.num_attention_heads
+        if name.endswith("self_attn.k_proj.weight"):
+            return args.num_key_value_heads
+        return 0
 
     def load(name: str) -> np.ndarray:
-        t = by_name[name]
-        try:
-            w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        except NotImplementedError:
-            raise ModelFormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
-        w = w.reshape(tensors[name].shape)
-        if args.model_type not in ("llama", "mistral"):
-            pass  # llama.cpp's converter permutes only Llama-arch Q/K rows
-        elif name.endswith("self_attn.q_proj.weight"):
-            w = unpermute_rows(w, args.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = unpermute_rows(w, args.num_key_value_heads)
-        return np.ascontiguousarray(w)
+        w = contents.read(gguf_names[name])
+        heads = heads_to_unpermute(name)
+        return np.ascontiguousarray(unpermute_rows(w, heads) if heads else w)
 
-    return Checkpoint(path=path, args=args, tensors=tensors, load=load, format="gguf")
+    def load_into(engine, name: str, dtype: str) -> bool:
+        engine.load_gguf(contents.native, gguf_names[name], name, dtype, heads_to_unpermute(name))
+        return True
+
+    return Checkpoint(path=path, args=args, tensors=tensors, load=load, format="gguf",
+                      load_into=load_into if contents.native is not None else None, contents=contents)

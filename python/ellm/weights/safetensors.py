@@ -129,8 +129,18 @@ def open_safetensors(path: str) -> Checkpoint:
             return (mapped.astype(np.uint32) << 16).view(np.float32).reshape(shape)
         return mapped.astype(np.float32).reshape(shape)
 
+    def load_into(engine, name: str, dtype: str) -> bool:
+        """Half-precision matrices go into the engine as stored when dtype is "auto"."""
+        file, data_start, entry = where[name]
+        if dtype != "auto" or entry["dtype"] not in ("F16", "BF16") or len(entry["shape"]) != 2:
+            return False
+        begin, end = entry["data_offsets"]
+        raw = np.memmap(file, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,))
+        engine.set_weight_stored(name, entry["dtype"], tuple(entry["shape"]), raw, "auto")
+        return True
+
     args = None
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if os.path.isfile(os.path.join(folder, "config.json")):
         args = ModelArgs.from_config_file(os.path.join(folder, "config.json"))
-    return Checkpoint(path=path, args=args, tensors=tensors, load=load, format="safetensors")
+    return Checkpoint(path=path, args=args, tensors=tensors, load=load, format="safetensors", load_into=load_into)

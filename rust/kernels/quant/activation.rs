@@ -1,0 +1,129 @@
+//! Activations as 8-bit integers, quantized once per layer input and read by every projection
+//! of it: blocks of 32 values with one scale `d` each (llama.cpp's Q8_0 rounding,
+//! `d = max|x| / 127`), written as two signed 8-bit digits, `x ~ d * (hi + lo / 128)`.
+//!
+//! One digit alone (what llama.cpp multiplies) leaves an error of up to d/2 per value, enough to
+//! change greedy choices of a 135M model against its own f32 weights; the second digit shrinks
+//! it to d/256 for one more integer multiply-add per value, and the integer sums combine
+//! exactly as `(sum_hi << 7) + sum_lo`.
+
+use super::blocks::{GROUP, LANE};
+
+/// Values per activation block (one scale each).
+pub const ACT_BLOCK: usize = 32;
+/// The second digit's weight: `x ~ d * (hi + lo / LO_SCALE)`; `lo` lies in -64..=64.
+pub const LO_SHIFT: u32 = 7;
+pub const LO_SCALE: f32 = (1 << LO_SHIFT) as f32;
+
+/// The padding the kernels read to: one AVX-512 vector of bytes.
+pub const PAD: usize = 64;
+
+/// Rows of `k` activations in the kernels' form. Per row, padded with zeros to `stride`:
+/// the digits `hi` and `lo`; per 4-value lane the scale of the combined sum, `d / 128`
+/// (`scale_lanes`, for the row-at-a-time kernel); per block of 32 the same scale
+/// (`block_scale`) and the dequantized sum (`block_sums`); per group of 16 the dequantized sum
+/// (`group_sums`). The sums meet the weights' offsets.
+pub struct QuantizedRows {
+    pub rows: usize,
+    pub k: usize,
+    /// Values per row in `hi` and `lo` (a multiple of 64, so the widest kernel needs no tail).
+    pub stride: usize,
+    pub hi: Vec<i8>,
+    pub lo: Vec<i8>,
+    pub scale_lanes: Vec<f32>,
+    pub block_scale: Vec<f32>,
+    pub block_sums: Vec<f32>,
+    pub group_sums: Vec<f32>,
+}
+
+impl QuantizedRows {
+    /// `x` is `[rows, k]` with k a multiple of 32.
+    pub fn new(x: &[f32], k: usize) -> Self {
+        assert!(k.is_multiple_of(ACT_BLOCK), "activation rows must be whole blocks of {ACT_BLOCK}");
+        let rows = x.len() / k.max(1);
+        let stride = k.next_multiple_of(PAD);
+        let mut out = QuantizedRows {
+            rows,
+            k,
+            stride,
+            hi: vec![0; rows * stride],
+            lo: vec![0; rows * stride],
+            scale_lanes: vec![0.0; rows * stride / LANE],
+            block_scale: vec![0.0; rows * stride / ACT_BLOCK],
+            block_sums: vec![0.0; rows * stride / ACT_BLOCK],
+            group_sums: vec![0.0; rows * stride / GROUP],
+        };
+        for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
+            let (s, nb) = (r * stride, stride / ACT_BLOCK);
+            for (b, xs) in row.chunks_exact(ACT_BLOCK).enumerate() {
+                let at = s + b * ACT_BLOCK;
+                let d = quantize_two_digits(xs, &mut out.hi[at..at + ACT_BLOCK], &mut out.lo[at..at + ACT_BLOCK]);
+                let scale = d / LO_SCALE;
+                out.scale_lanes[(at / LANE)..(at + ACT_BLOCK) / LANE].fill(scale);
+                out.block_scale[r * nb + b] = scale;
+                let mut block_sum = 0;
+                for g in 0..ACT_BLOCK / GROUP {
+                    let range = at + g * GROUP..at + (g + 1) * GROUP;
+                    let sum: i32 = out.hi[range.clone()].iter().map(|&v| (v as i32) << LO_SHIFT).sum::<i32>()
+                        + out.lo[range].iter().map(|&v| v as i32).sum::<i32>();
+                    out.group_sums[at / GROUP + g] = scale * sum as f32;
+                    block_sum += sum;
+                }
+                out.block_sums[r * nb + b] = scale * block_sum as f32;
+            }
+        }
+        out
+    }
+
+    pub fn hi_row(&self, r: usize) -> &[i8] {
+        &self.hi[r * self.stride..(r + 1) * self.stride]
+    }
+
+    pub fn lo_row(&self, r: usize) -> &[i8] {
+        &self.lo[r * self.stride..(r + 1) * self.stride]
+    }
+
+    pub fn lanes_row(&self, r: usize) -> &[f32] {
+        &self.scale_lanes[r * self.stride / LANE..(r + 1) * self.stride / LANE]
+    }
+
+    pub fn sums_row(&self, r: usize) -> &[f32] {
+        &self.group_sums[r * self.stride / GROUP..(r + 1) * self.stride / GROUP]
+    }
+
+    pub fn block_scale_row(&self, r: usize) -> &[f32] {
+        &self.block_scale[r * self.stride / ACT_BLOCK..(r + 1) * self.stride / ACT_BLOCK]
+    }
+
+    pub fn block_sums_row(&self, r: usize) -> &[f32] {
+        &self.block_sums[r * self.stride / ACT_BLOCK..(r + 1) * self.stride / ACT_BLOCK]
+    }
+}
+
+/// llama.cpp's `quantize_row_q8_0_ref` for one block: `d = max|x| / 127`, `q = round(x / d)`.
+/// Returns d. A block with a NaN quantizes to zeros with d = NaN, so the NaN still shows.
+#[inline]
+pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v * id).round() as i8;
+    }
+    if x.iter().any(|v| v.is_nan()) {
+        f32::NAN
+    } else {
+        d
+    }
+}
+
+/// `quantize_block`, then the remainder `x - d * hi` in steps of `d / 128`.
+#[inline]
+pub fn quantize_two_digits(x: &[f32], hi: &mut [i8], lo: &mut [i8]) -> f32 {
+    let d = quantize_block(x, hi);
+    let id = if d != 0.0 && d.is_finite() { LO_SCALE / d } else { 0.0 };
+    for ((l, &h), &v) in lo.iter_mut().zip(hi.iter()).zip(x) {
+        *l = ((v - d * h as f32) * id).round().clamp(-64.0, 64.0) as i8;
+    }
+    d
+}
