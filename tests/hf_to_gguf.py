@@ -64,12 +64,21 @@ def llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def convert(folder: str, out: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-            extra_tensors: dict[str, np.ndarray] | None = None, sliding_window: int | None = None) -> str:
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
-        config = json.load(fh)
-    tensors = load_file(os.path.join(folder, "model.safetensors"))
+def convert(folder: str | dict, out: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+            extra_tensors: dict[str, np.ndarray] | None = None, sliding_window: int | None = None,
+            tensors: dict[str, np.ndarray] | None = None,
+            raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None) -> str:
+    """`folder` is a Hugging Face folder, or a config dict with `tensors` given; `raw` holds
+    matrices already in blocks (bytes `[rows, row_bytes]`, type), written as they are (their
+    rows are taken to be in the file's order)."""
+    if isinstance(folder, dict):
+        config = folder
+    else:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+        tensors = load_file(os.path.join(folder, "model.safetensors"))
     arch = ARCH[config["model_type"]]
+    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     w = gguf.GGUFWriter(out, arch)
@@ -82,7 +91,7 @@ def convert(folder: str, out: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQ
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
     if sliding_window:
@@ -92,9 +101,13 @@ def convert(folder: str, out: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQ
     w.add_token_types([gguf.TokenType.NORMAL] * config["vocab_size"])
     w.add_bos_token_id(config["bos_token_id"])
     w.add_eos_token_id(config["eos_token_id"])
-    if config["rope_parameters"].get("rope_type") == "llama3":
+    if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(config, head_dim))
-    for name, t in {**tensors, **(extra_tensors or {})}.items():
+    for name, (blocks, kind) in (raw or {}).items():
+        w.add_tensor(gguf_name(name), np.ascontiguousarray(blocks, dtype=np.uint8), raw_dtype=kind)
+    for name, t in {**(tensors or {}), **(extra_tensors or {})}.items():
+        if name in (raw or {}):
+            continue
         t = np.ascontiguousarray(t, dtype=np.float32)
         if arch == "llama" and name.endswith("q_proj.weight"):
             t = permute(t, heads)

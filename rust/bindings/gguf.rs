@@ -56,7 +56,11 @@ impl GgufReader {
         let bytes = self.file.map().clone();
         let range = entry.start..entry.start + entry.nbytes;
         let stored = StoredTensor { name: &entry.name, type_name: entry.type_name(), rows, cols, bytes, range };
-        Matrix::from_stored(stored, keep, row_map)
+        let matrix = Matrix::from_stored(stored, keep, row_map)?;
+        if !matrix.reads_source() {
+            self.file.release(entry);
+        }
+        Ok(matrix)
     }
 }
 

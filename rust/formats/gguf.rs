@@ -103,6 +103,8 @@ pub struct GgufFile {
     pub metadata: Vec<(String, Value)>,
     pub tensors: Vec<TensorEntry>,
     map: SharedBytes,
+    /// `map` is a file mapping (not bytes in memory), whose pages `release` may drop.
+    mapped: bool,
 }
 
 const MAX_DIMS: u32 = 4;
@@ -256,7 +258,9 @@ impl GgufFile {
         // SAFETY: the mapping is read-only; a file changed underneath it by another process is
         // outside what any reader of a mapped file can defend against (llama.cpp maps the same way).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EllmError::Io(format!("{path}: cannot map the file: {e}")))?;
-        Self::parse(path, Arc::new(map))
+        let mut file = Self::parse(path, Arc::new(map))?;
+        file.mapped = true;
+        Ok(file)
     }
 
     /// Parse bytes already in memory (`path` names them in errors).
@@ -321,7 +325,7 @@ impl GgufFile {
             }
             entries.push(TensorEntry { name, dims, ggml_type, start: data_start + offset as usize, nbytes: nbytes as usize });
         }
-        Ok(GgufFile { path: path.to_string(), version, metadata, tensors: entries, map })
+        Ok(GgufFile { path: path.to_string(), version, metadata, tensors: entries, map, mapped: false })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -335,6 +339,23 @@ impl GgufFile {
     /// The mapped file (tensors' bytes are `map()[t.start..t.start + t.nbytes]`).
     pub fn map(&self) -> &SharedBytes {
         &self.map
+    }
+
+    /// Drop this process's pages of a tensor that has been copied out, so the file's pages and
+    /// the copy are not both resident. The bytes stay readable: a later read maps them again
+    /// from the page cache.
+    pub fn release(&self, t: &TensorEntry) {
+        if !self.mapped {
+            return;
+        }
+        let page = 4096;
+        let base = (*self.map).as_ref().as_ptr() as usize;
+        let (start, end) = ((base + t.start).next_multiple_of(page), (base + t.start + t.nbytes) / page * page);
+        if end > start {
+            // SAFETY: the range lies inside a private read-only file mapping; MADV_DONTNEED
+            // only drops its pages, which fault back in from the file on the next read.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
     }
 
     pub fn bytes(&self, t: &TensorEntry) -> &[u8] {

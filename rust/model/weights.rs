@@ -117,6 +117,11 @@ impl Matrix {
         })
     }
 
+    /// The matrix reads the bytes it was made from (blocks used in place).
+    pub fn reads_source(&self) -> bool {
+        matches!(&self.storage, Storage::Quant(q) if !q.is_interleaved())
+    }
+
     /// The storage's type name ("F32", "Q4_1", ...).
     pub fn type_name(&self) -> &'static str {
         match &self.storage {
