@@ -26,7 +26,9 @@ fn array_to_py<'py>(py: Python<'py>, a: &Array) -> PyResult<Bound<'py, PyAny>> {
         Array::Float(v) => PyList::new(py, v)?.into_any(),
         Array::Bool(v) => PyList::new(py, v)?.into_any(),
         Array::Str(v) => PyList::new(py, v)?.into_any(),
-        Array::Nested(v) => PyList::new(py, v.iter().map(|a| array_to_py(py, a)).collect::<PyResult<Vec<_>>>()?)?.into_any(),
+        Array::Nested(v) => {
+            PyList::new(py, v.iter().map(|a| array_to_py(py, a)).collect::<PyResult<Vec<_>>>()?)?.into_any()
+        }
     })
 }
 

@@ -34,11 +34,9 @@ pub(crate) fn to_py_err(e: EllmError) -> PyErr {
 /// `ellm.errors.ModelFormatError` (a ValueError subclass, defined in Python so that both
 /// backends raise the same class).
 fn format_error(msg: String) -> PyErr {
-    Python::attach(|py| {
-        match py.import("ellm.errors").and_then(|m| m.getattr("ModelFormatError")) {
-            Ok(cls) => PyErr::from_type(cls.cast_into().expect("a class"), msg),
-            Err(_) => PyValueError::new_err(msg),
-        }
+    Python::attach(|py| match py.import("ellm.errors").and_then(|m| m.getattr("ModelFormatError")) {
+        Ok(cls) => PyErr::from_type(cls.cast_into().expect("a class"), msg),
+        Err(_) => PyValueError::new_err(msg),
     })
 }
 

@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use super::gguf::GgufReader;
 use super::{compute, guarded, shape_of, slice, to_array};
-use crate::kernels::quant::matrix::SharedBytes;
-use crate::model::weights::{unpermute_map, KeepAs, Matrix, StoredTensor};
 use crate::error::{EllmError, Result};
 use crate::kernels::pool;
+use crate::kernels::quant::matrix::SharedBytes;
 use crate::kernels::rope::RopeScaling;
+use crate::model::weights::{unpermute_map, KeepAs, Matrix, StoredTensor};
 use crate::model::{Hooks, Llama, LlamaConfig, LogitsWanted};
 
 #[pyclass(module = "ellm._lowlevel")]
@@ -123,7 +123,13 @@ impl LlamaEngine {
     /// Copy one tensor (a C-contiguous float32 array) into the engine; a matrix is kept as
     /// `dtype` says ("f32", or "q8_0" / "q4_0" to quantize it).
     #[pyo3(signature = (name, array, dtype="f32"))]
-    fn set_weight(&mut self, py: Python<'_>, name: &str, array: PyReadonlyArrayDyn<'_, f32>, dtype: &str) -> PyResult<()> {
+    fn set_weight(
+        &mut self,
+        py: Python<'_>,
+        name: &str,
+        array: PyReadonlyArrayDyn<'_, f32>,
+        dtype: &str,
+    ) -> PyResult<()> {
         let shape = shape_of(&array);
         let data = slice(&array, name)?;
         let keep = KeepAs::from_name(dtype).map_err(super::to_py_err)?;
@@ -190,7 +196,12 @@ impl LlamaEngine {
 
     /// name -> storage type ("F32", "Q4_1", ...) of every matrix loaded.
     fn weight_types(&self) -> Vec<(String, &'static str)> {
-        self.model.weights.matrix_types()
+        self.model.weights.matrices().into_iter().map(|(n, t, _)| (n, t)).collect()
+    }
+
+    /// Bytes of every matrix loaded (what one decode step reads).
+    fn weight_bytes(&self) -> Vec<usize> {
+        self.model.weights.matrices().into_iter().map(|(_, _, b)| b).collect()
     }
 
     fn reset_cache(&mut self) {

@@ -257,7 +257,8 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| EllmError::Io(format!("{path}: {e}")))?;
         // SAFETY: the mapping is read-only; a file changed underneath it by another process is
         // outside what any reader of a mapped file can defend against (llama.cpp maps the same way).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| EllmError::Io(format!("{path}: cannot map the file: {e}")))?;
+        let map =
+            unsafe { Mmap::map(&file) }.map_err(|e| EllmError::Io(format!("{path}: cannot map the file: {e}")))?;
         let mut file = Self::parse(path, Arc::new(map))?;
         file.mapped = true;
         Ok(file)
@@ -309,21 +310,36 @@ impl GgufFile {
             };
             let count = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let Some(count) = count.filter(|&n| n <= data.len() as u64 * 8) else {
-                return Err(format_err(path, format!("tensor {name} declares dimensions {dims:?}, more values than the file holds")));
+                return Err(format_err(
+                    path,
+                    format!("tensor {name} declares dimensions {dims:?}, more values than the file holds"),
+                ));
             };
             if dims[0] % block as u64 != 0 {
-                return Err(format_err(path, format!("tensor {name}: rows of {} values are not whole {tname} blocks of {block}", dims[0])));
+                return Err(format_err(
+                    path,
+                    format!("tensor {name}: rows of {} values are not whole {tname} blocks of {block}", dims[0]),
+                ));
             }
             let nbytes = count / block as u64 * size as u64;
             if offset % alignment as u64 != 0 {
-                return Err(format_err(path, format!("tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}")));
+                return Err(format_err(
+                    path,
+                    format!("tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}"),
+                ));
             }
             if offset.checked_add(nbytes).is_none_or(|end| end > data_len as u64) {
                 return Err(format_err(path, format!(
                     "GGUF tensor {name} ({tname}, dimensions {dims:?}) needs {nbytes} bytes at offset {offset} of a {data_len}-byte data section (truncated?)"
                 )));
             }
-            entries.push(TensorEntry { name, dims, ggml_type, start: data_start + offset as usize, nbytes: nbytes as usize });
+            entries.push(TensorEntry {
+                name,
+                dims,
+                ggml_type,
+                start: data_start + offset as usize,
+                nbytes: nbytes as usize,
+            });
         }
         Ok(GgufFile { path: path.to_string(), version, metadata, tensors: entries, map, mapped: false })
     }

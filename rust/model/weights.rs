@@ -5,7 +5,6 @@
 //! Every matrix is a `Matrix`, and this file is the only code that looks at how one is stored:
 //! f32, f16 or bf16 values, or llama.cpp's quantized blocks multiplied as they are.
 
-
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
@@ -120,6 +119,16 @@ impl Matrix {
     /// The matrix reads the bytes it was made from (blocks used in place).
     pub fn reads_source(&self) -> bool {
         matches!(&self.storage, Storage::Quant(q) if !q.is_interleaved())
+    }
+
+    /// Bytes of its storage.
+    pub fn nbytes(&self) -> usize {
+        match &self.storage {
+            Storage::F32(w) => 4 * w.len(),
+            Storage::F16(w) => 2 * w.len(),
+            Storage::BF16(w) => 2 * w.len(),
+            Storage::Quant(q) => q.nbytes(),
+        }
     }
 
     /// The storage's type name ("F32", "Q4_1", ...).
@@ -248,7 +257,9 @@ impl FromLe for bf16 {
 fn reorder<T: Copy>(values: &[T], cols: usize, row_map: &Option<Vec<u32>>) -> Vec<T> {
     match row_map {
         None => values.to_vec(),
-        Some(map) => map.iter().flat_map(|&r| values[r as usize * cols..(r as usize + 1) * cols].iter().copied()).collect(),
+        Some(map) => {
+            map.iter().flat_map(|&r| values[r as usize * cols..(r as usize + 1) * cols].iter().copied()).collect()
+        }
     }
 }
 
@@ -428,12 +439,12 @@ impl Weights {
         Ok(())
     }
 
-    /// (name, storage type) of every matrix set.
-    pub fn matrix_types(&self) -> Vec<(String, &'static str)> {
+    /// (name, storage type, bytes) of every matrix set.
+    pub fn matrices(&self) -> Vec<(String, &'static str, usize)> {
         let mut out = Vec::new();
         let mut add = |name: String, m: &Option<Matrix>| {
             if let Some(m) = m {
-                out.push((name, m.type_name()));
+                out.push((name, m.type_name(), m.nbytes()));
             }
         };
         add("model.embed_tokens.weight".into(), &self.embed_tokens);

@@ -53,25 +53,7 @@ impl QuantizedRows {
             block_sums: vec![0.0; rows * stride / ACT_BLOCK],
             group_sums: vec![0.0; rows * stride / GROUP],
         };
-        for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
-            let (s, nb) = (r * stride, stride / ACT_BLOCK);
-            for (b, xs) in row.chunks_exact(ACT_BLOCK).enumerate() {
-                let at = s + b * ACT_BLOCK;
-                let d = quantize_two_digits(xs, &mut out.hi[at..at + ACT_BLOCK], &mut out.lo[at..at + ACT_BLOCK]);
-                let scale = d / LO_SCALE;
-                out.scale_lanes[(at / LANE)..(at + ACT_BLOCK) / LANE].fill(scale);
-                out.block_scale[r * nb + b] = scale;
-                let mut block_sum = 0;
-                for g in 0..ACT_BLOCK / GROUP {
-                    let range = at + g * GROUP..at + (g + 1) * GROUP;
-                    let sum: i32 = out.hi[range.clone()].iter().map(|&v| (v as i32) << LO_SHIFT).sum::<i32>()
-                        + out.lo[range].iter().map(|&v| v as i32).sum::<i32>();
-                    out.group_sums[at / GROUP + g] = scale * sum as f32;
-                    block_sum += sum;
-                }
-                out.block_sums[r * nb + b] = scale * block_sum as f32;
-            }
-        }
+        fill(&mut out, x);
         out
     }
 
@@ -117,13 +99,50 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     }
 }
 
-/// `quantize_block`, then the remainder `x - d * hi` in steps of `d / 128`.
-#[inline]
-pub fn quantize_two_digits(x: &[f32], hi: &mut [i8], lo: &mut [i8]) -> f32 {
-    let d = quantize_block(x, hi);
-    let id = if d != 0.0 && d.is_finite() { LO_SCALE / d } else { 0.0 };
-    for ((l, &h), &v) in lo.iter_mut().zip(hi.iter()).zip(x) {
-        *l = ((v - d * h as f32) * id).round().clamp(-64.0, 64.0) as i8;
+crate::kernels::math::dispatch! {
+    /// Every block of every row of `x` into `out` (allocated by `new`).
+    fn fill(out: &mut QuantizedRows, x: &[f32]) {
+        let (k, stride) = (out.k, out.stride);
+        for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
+            let (s, nb) = (r * stride, stride / ACT_BLOCK);
+            for (b, xs) in row.chunks_exact(ACT_BLOCK).enumerate() {
+                let at = s + b * ACT_BLOCK;
+                let d = quantize_two_digits(xs, &mut out.hi[at..at + ACT_BLOCK], &mut out.lo[at..at + ACT_BLOCK]);
+                let scale = d / LO_SCALE;
+                out.scale_lanes[(at / LANE)..(at + ACT_BLOCK) / LANE].fill(scale);
+                out.block_scale[r * nb + b] = scale;
+                let mut block_sum = 0;
+                for g in 0..ACT_BLOCK / GROUP {
+                    let range = at + g * GROUP..at + (g + 1) * GROUP;
+                    let sum: i32 = out.hi[range.clone()].iter().map(|&v| (v as i32) << LO_SHIFT).sum::<i32>()
+                        + out.lo[range].iter().map(|&v| v as i32).sum::<i32>();
+                    out.group_sums[at / GROUP + g] = scale * sum as f32;
+                    block_sum += sum;
+                }
+                out.block_sums[r * nb + b] = scale * block_sum as f32;
+            }
+        }
     }
-    d
+}
+
+/// The two digits of a block: `d = max|x| / 127`, `hi = round(x / d)`, then the remainder
+/// `x - d * hi` in steps of `d / 128` (ties to even: these are ellm's own activations, and that
+/// rounding vectorizes). Returns d; NaN where the block holds a NaN.
+#[inline(always)]
+pub fn quantize_two_digits(x: &[f32], hi: &mut [i8], lo: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let (id, id_lo) = if d != 0.0 && d.is_finite() { (1.0 / d, LO_SCALE / d) } else { (0.0, 0.0) };
+    let mut nan = false;
+    for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(x) {
+        let q = (v * id).round_ties_even();
+        *h = q as i8;
+        *l = ((v - d * q) * id_lo).round_ties_even().clamp(-64.0, 64.0) as i8;
+        nan |= v.is_nan();
+    }
+    if nan {
+        f32::NAN
+    } else {
+        d
+    }
 }

@@ -272,7 +272,10 @@ mod x86 {
     #[target_feature(enable = "avx2,avxvnni")]
     pub unsafe fn lanes_avxvnni(u: &[u8], q: &[i8], mut out: Vec<i32>) -> Vec<i32> {
         for i in (0..u.len()).step_by(32) {
-            _mm256_storeu_si256(out.as_mut_ptr().add(i / 4).cast(), lanes8_avxvnni(u.as_ptr().add(i), q.as_ptr().add(i)));
+            _mm256_storeu_si256(
+                out.as_mut_ptr().add(i / 4).cast(),
+                lanes8_avxvnni(u.as_ptr().add(i), q.as_ptr().add(i)),
+            );
         }
         out
     }

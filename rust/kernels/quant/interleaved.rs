@@ -311,14 +311,20 @@ pub mod x86 {
     use std::arch::x86_64::*;
 
     use super::{block_bytes, sub_bytes, value_bytes, Interleave, ROWS, SUB, VECTOR};
-    use crate::kernels::quant::blocks::*;
+
+    /// How far ahead of the sub-block being multiplied its successors are prefetched.
+    const PREFETCH: usize = 2048;
     use crate::kernels::quant::activation::{QuantizedRows, LO_SHIFT};
+    use crate::kernels::quant::blocks::*;
 
     /// The values of lanes `4g..4g + 4` (`lo`) and `16 + 4g..` (`hi`) of a sub-block.
     #[inline(always)]
     unsafe fn values(bits: u32, sub: *const u8, g: usize) -> (__m512i, __m512i) {
         if bits == 8 {
-            return (_mm512_loadu_si512(sub.add(g * VECTOR).cast()), _mm512_loadu_si512(sub.add((g + 4) * VECTOR).cast()));
+            return (
+                _mm512_loadu_si512(sub.add(g * VECTOR).cast()),
+                _mm512_loadu_si512(sub.add((g + 4) * VECTOR).cast()),
+            );
         }
         let nibbles = _mm512_loadu_si512(sub.add(g * VECTOR).cast());
         let mask = _mm512_set1_epi8(0x0F);
@@ -443,6 +449,10 @@ pub mod x86 {
             let block = group.as_ptr().add(b * block_bytes::<F>());
             for j in 0..subs {
                 let sub = block.add(F::HEAD + j * sub_bytes::<F>());
+                // a single core streams weights from RAM faster with requests ahead of its loads
+                for line in 0..sub_bytes::<F>().div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(sub.add(PREFETCH + 64 * line).cast());
+                }
                 let ab = b * subs + j; // the activation block
                 let zero = _mm512_setzero_si512();
                 // [c][half][digit]
@@ -467,11 +477,15 @@ pub mod x86 {
                         let [h, l] = sums[c][half];
                         let ints = _mm512_add_epi32(_mm512_slli_epi32::<LO_SHIFT>(h), l);
                         let (da, asum) = if F::SPLIT {
-                            (act.block_scale[row * act.stride / SUB + ab], act.group_sums[row * act.stride / 16 + 2 * ab + half])
+                            (
+                                act.block_scale[row * act.stride / SUB + ab],
+                                act.group_sums[row * act.stride / 16 + 2 * ab + half],
+                            )
                         } else {
                             (act.block_scale[row * act.stride / SUB + ab], act.block_sums[row * act.stride / SUB + ab])
                         };
-                        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_mul_ps(scale, _mm512_set1_ps(da)), acc[c]);
+                        acc[c] =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_mul_ps(scale, _mm512_set1_ps(da)), acc[c]);
                         acc[c] = _mm512_fmadd_ps(offset, _mm512_set1_ps(asum), acc[c]);
                     }
                 }

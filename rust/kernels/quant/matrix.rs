@@ -9,8 +9,8 @@ use rayon::prelude::*;
 
 use super::activation::QuantizedRows;
 use super::blocks::GROUP;
-use super::dot::{self, dot_scaled, DotPath};
 use super::blocks::*;
+use super::dot::{self, dot_scaled, DotPath};
 use super::interleaved::{self, Interleave};
 use super::{as_blocks, QuantKind, UnpackedRow};
 use crate::error::{EllmError, Result};
@@ -20,14 +20,38 @@ use crate::kernels::pool::{self, DisjointWrites};
 macro_rules! with_kind {
     ($kind:expr, $f:ident => $body:expr) => {
         match $kind {
-            QuantKind::Q4_0 => { type $f = BlockQ4_0; $body }
-            QuantKind::Q4_1 => { type $f = BlockQ4_1; $body }
-            QuantKind::Q5_0 => { type $f = BlockQ5_0; $body }
-            QuantKind::Q5_1 => { type $f = BlockQ5_1; $body }
-            QuantKind::Q8_0 => { type $f = BlockQ8_0; $body }
-            QuantKind::Q4_K => { type $f = BlockQ4K; $body }
-            QuantKind::Q5_K => { type $f = BlockQ5K; $body }
-            QuantKind::Q6_K => { type $f = BlockQ6K; $body }
+            QuantKind::Q4_0 => {
+                type $f = BlockQ4_0;
+                $body
+            }
+            QuantKind::Q4_1 => {
+                type $f = BlockQ4_1;
+                $body
+            }
+            QuantKind::Q5_0 => {
+                type $f = BlockQ5_0;
+                $body
+            }
+            QuantKind::Q5_1 => {
+                type $f = BlockQ5_1;
+                $body
+            }
+            QuantKind::Q8_0 => {
+                type $f = BlockQ8_0;
+                $body
+            }
+            QuantKind::Q4_K => {
+                type $f = BlockQ4K;
+                $body
+            }
+            QuantKind::Q5_K => {
+                type $f = BlockQ5K;
+                $body
+            }
+            QuantKind::Q6_K => {
+                type $f = BlockQ6K;
+                $body
+            }
         }
     };
 }
@@ -114,7 +138,8 @@ impl QuantMatrix {
         fn pack_all<F: Interleave>(m: &QuantMatrix) -> Vec<u8> {
             let mut data = Vec::with_capacity(m.rows / interleaved::ROWS * interleaved::group_bytes(m.kind, m.cols));
             for g in 0..m.rows / interleaved::ROWS {
-                let rows: [&[F]; interleaved::ROWS] = std::array::from_fn(|r| as_blocks::<F>(m.row(g * interleaved::ROWS + r)));
+                let rows: [&[F]; interleaved::ROWS] =
+                    std::array::from_fn(|r| as_blocks::<F>(m.row(g * interleaved::ROWS + r)));
                 interleaved::pack(&rows, &mut data);
             }
             data
@@ -122,6 +147,14 @@ impl QuantMatrix {
         let data = with_kind!(self.kind, F => pack_all::<F>(&self));
         let group_bytes = interleaved::group_bytes(self.kind, self.cols);
         QuantMatrix { layout: Layout::Interleaved { data, group_bytes }, ..self }
+    }
+
+    /// Bytes of its storage.
+    pub fn nbytes(&self) -> usize {
+        match &self.layout {
+            Layout::Rows { .. } => self.rows * self.row_bytes(),
+            Layout::Interleaved { data, .. } => data.len(),
+        }
     }
 
     pub fn is_interleaved(&self) -> bool {
@@ -160,9 +193,8 @@ impl QuantMatrix {
     }
 }
 
-
 /// Weight bytes per parallel task.
-const BYTES_PER_TASK: usize = 32 * 1024;
+const BYTES_PER_TASK: usize = 16 * 1024;
 /// Input rows per call of the dot kernel.
 const TILE_INPUTS: usize = 4;
 
@@ -227,7 +259,14 @@ unsafe fn rows_product(w: &QuantMatrix, act: &QuantizedRows, path: DotPath, out:
             i += TILE_INPUTS;
         }
         for i in i..act.rows {
-            let [d] = dot_scaled::<1>(path, &row.u, &row.scale_lanes, [(act.hi_row(i), act.lo_row(i))], [act.lanes_row(i)], wide);
+            let [d] = dot_scaled::<1>(
+                path,
+                &row.u,
+                &row.scale_lanes,
+                [(act.hi_row(i), act.lo_row(i))],
+                [act.lanes_row(i)],
+                wide,
+            );
             *out.at(i * n + r) = d + offset_dot(offsets, act.sums_row(i));
         }
     }
@@ -238,7 +277,14 @@ unsafe fn rows_product(w: &QuantMatrix, act: &QuantizedRows, path: DotPath, out:
 /// # Safety
 /// As `rows_product`; and the CPU has AVX-512 VNNI.
 #[cfg(target_arch = "x86_64")]
-unsafe fn groups_product(w: &QuantMatrix, data: &[u8], group_bytes: usize, act: &QuantizedRows, out: &DisjointWrites, rows: Range<usize>) {
+unsafe fn groups_product(
+    w: &QuantMatrix,
+    data: &[u8],
+    group_bytes: usize,
+    act: &QuantizedRows,
+    out: &DisjointWrites,
+    rows: Range<usize>,
+) {
     use interleaved::{x86::group_dot, ROWS};
     let n = w.rows;
     for first_row in rows.step_by(ROWS) {

@@ -172,7 +172,11 @@ fn unpack_body<B: Block>(bytes: &[u8], row: &mut UnpackedRow) {
     let blocks = as_blocks::<B>(bytes);
     let (e, l, g) = (B::ELEMS, B::ELEMS / LANE, B::ELEMS / GROUP);
     for (i, b) in blocks.iter().enumerate() {
-        b.unpack(&mut row.u[i * e..(i + 1) * e], &mut row.scale_lanes[i * l..(i + 1) * l], &mut row.offset[i * g..(i + 1) * g]);
+        b.unpack(
+            &mut row.u[i * e..(i + 1) * e],
+            &mut row.scale_lanes[i * l..(i + 1) * l],
+            &mut row.offset[i * g..(i + 1) * g],
+        );
     }
 }
 

@@ -77,7 +77,11 @@ fn lane_sums_are_exact_on_every_path() {
         let mut q: Vec<i8> = (0..512).map(|_| r.next_u32() as i8).collect();
         q[0] = -128;
         let reference = dot::lane_sums(DotPath::Portable, &u, &q, kind.wide());
-        let exact: Vec<i32> = u.chunks(4).zip(q.chunks(4)).map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()).collect();
+        let exact: Vec<i32> = u
+            .chunks(4)
+            .zip(q.chunks(4))
+            .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum())
+            .collect();
         assert_eq!(reference, exact);
         for path in available_paths() {
             assert_eq!(dot::lane_sums(path, &u, &q, kind.wide()), exact, "{kind:?} on {path:?}");
@@ -138,7 +142,11 @@ fn interleaving_keeps_the_bytes_per_weight_within_5_percent() {
 fn products_match_dequantized_weights_within_the_activation_error() {
     let _lock = PATH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let (rows, cols, m) = (32, 512, 6);
-    for (seed, w) in QuantKind::ALL.into_iter().flat_map(|k| [matrix(k, rows, cols, 1), matrix(k, rows, cols, 1).interleave()]).enumerate() {
+    for (seed, w) in QuantKind::ALL
+        .into_iter()
+        .flat_map(|k| [matrix(k, rows, cols, 1), matrix(k, rows, cols, 1).interleave()])
+        .enumerate()
+    {
         let kind = w.kind;
         let x = inputs(m, cols, 100 + seed as u64);
         let mut dense = vec![0.0f32; rows * cols];
@@ -155,7 +163,11 @@ fn products_match_dequantized_weights_within_the_activation_error() {
                     let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let got = out[i * rows + r];
                     let tol = bound(wr, xr);
-                    assert!(((got as f64) - exact).abs() <= tol as f64, "{kind:?} {path:?} interleaved {} [{i},{r}]: {got} vs {exact} (bound {tol})", w.is_interleaved());
+                    assert!(
+                        ((got as f64) - exact).abs() <= tol as f64,
+                        "{kind:?} {path:?} interleaved {} [{i},{r}]: {got} vs {exact} (bound {tol})",
+                        w.is_interleaved()
+                    );
                 }
             }
         }
@@ -264,9 +276,21 @@ fn timing_breakdown() {
     let mut s = 0.0;
     for _ in 0..200 {
         for _ in 0..rows {
-            s += dot::dot_scaled::<1>(dot::active(), &row.u, &row.scale_lanes, [(act.hi_row(0), act.lo_row(0))], [act.lanes_row(0)], false)[0];
+            s += dot::dot_scaled::<1>(
+                dot::active(),
+                &row.u,
+                &row.scale_lanes,
+                [(act.hi_row(0), act.lo_row(0))],
+                [act.lanes_row(0)],
+                false,
+            )[0];
         }
     }
     let dots = t.elapsed().as_secs_f64() / 200.0;
-    println!("full (2 threads) {:.1} us, unpack 1 thread {:.1} us, dots 1 thread {:.1} us ({s})", full * 1e6, unpack * 1e6, dots * 1e6);
+    println!(
+        "full (2 threads) {:.1} us, unpack 1 thread {:.1} us, dots 1 thread {:.1} us ({s})",
+        full * 1e6,
+        unpack * 1e6,
+        dots * 1e6
+    );
 }
