@@ -255,10 +255,11 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     pub fn open(path: &str) -> Result<GgufFile> {
         let file = File::open(path).map_err(|e| EllmError::Io(format!("{path}: {e}")))?;
-        // SAFETY: the mapping is read-only; a file changed underneath it by another process is
+        // Populated: one call maps every page instead of a fault per page (the loader reads them
+        // all). SAFETY: the mapping is read-only; a file changed underneath it by another process is
         // outside what any reader of a mapped file can defend against (llama.cpp maps the same way).
         let map =
-            unsafe { Mmap::map(&file) }.map_err(|e| EllmError::Io(format!("{path}: cannot map the file: {e}")))?;
+            unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| EllmError::Io(format!("{path}: cannot map the file: {e}")))?;
         let mut file = Self::parse(path, Arc::new(map))?;
         file.mapped = true;
         Ok(file)

@@ -207,9 +207,9 @@ impl Interleave for BlockQ6K {
     }
 }
 
-/// 16 rows of `F` blocks repacked: `rows[r]` is row r's blocks.
+/// 16 rows of `F` blocks repacked into `out` (one group's bytes): `rows[r]` is row r's blocks.
 #[allow(clippy::needless_range_loop)] // block b of all 16 rows at once
-pub fn pack<F: Interleave>(rows: &[&[F]; ROWS], out: &mut Vec<u8>) {
+pub fn pack<F: Interleave>(rows: &[&[F]; ROWS], out: &mut [u8]) {
     let mut u = [[0u8; 256]; ROWS];
     let (mut lanes, mut offsets) = ([0.0f32; 64], [0.0f32; 16]);
     for b in 0..rows[0].len() {
@@ -217,9 +217,7 @@ pub fn pack<F: Interleave>(rows: &[&[F]; ROWS], out: &mut Vec<u8>) {
         for r in 0..ROWS {
             blocks[r].unpack(&mut u[r][..F::ELEMS], &mut lanes[..F::ELEMS / LANE], &mut offsets[..F::ELEMS / GROUP]);
         }
-        let start = out.len();
-        out.resize(start + block_bytes::<F>(), 0);
-        let block = &mut out[start..];
+        let block = &mut out[b * block_bytes::<F>()..(b + 1) * block_bytes::<F>()];
         F::pack_head(&blocks, &mut block[..F::HEAD]);
         for j in 0..F::ELEMS / SUB {
             let sub = &mut block[F::HEAD + j * sub_bytes::<F>()..][..sub_bytes::<F>()];
