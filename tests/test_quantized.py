@@ -291,3 +291,13 @@ def test_truncation_anywhere_is_a_clear_error(tmp_path, backend_name):
 def test_a_dtype_ellm_does_not_keep_is_refused(gguf_path):
     with pytest.raises(ValueError, match="dtype must be one of"):
         Transformer.from_pretrained(gguf_path, dtype="int3")
+
+
+def test_the_command_line_says_what_it_loads(gguf_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "ellm", "generate", "Hi", "--max-tokens", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.startswith("ellm: loading SmolLM2-135M-Instruct.Q4_1.gguf (94 MB), weights as stored ...")

@@ -18,14 +18,25 @@ class _Parser(argparse.ArgumentParser):
 def _progress(iterable):
     from tqdm import tqdm
 
-    return tqdm(iterable, desc="loading model", unit="tensor", file=sys.stderr, disable=not sys.stderr.isatty(),
-                leave=False)
+    # the bar shows only for a load that takes over a second
+    return tqdm(iterable, desc="loading", unit="tensor", file=sys.stderr, disable=not sys.stderr.isatty(),
+                leave=False, delay=1.0)
 
 
 def _load(args):
+    import os
+
     from .generation import Llama
 
-    return Llama(args.model, max_seq_len=args.max_seq_len, max_batch_size=1, progress=_progress)
+    path = args.model
+    if path is None:
+        from ._bundled import bundled_model_path
+
+        path = bundled_model_path()
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    print(f"ellm: loading {os.path.basename(os.path.normpath(path))}" + (f" ({size / 2**20:.0f} MB)" if size else "")
+          + f", weights {'as stored' if args.dtype == 'auto' else 'as ' + args.dtype} ...", file=sys.stderr, flush=True)
+    return Llama(path, max_seq_len=args.max_seq_len, max_batch_size=1, progress=_progress, dtype=args.dtype)
 
 
 def _print_timings(llm) -> None:
@@ -191,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(p):
         p.add_argument("--model", help="a Hugging Face folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)")
         p.add_argument("--max-seq-len", type=int, default=2048, help="context length to allocate (default 2048)")
+        p.add_argument("--dtype", default="auto", choices=["auto", "f32", "q8_0", "q4_0"],
+                       help="how to keep the weights: auto (as stored, the default), f32, or quantized to q8_0/q4_0")
         p.add_argument("--verbose", action="store_true", help="print timings afterwards")
 
     def sampling_options(p, max_tokens):

@@ -162,7 +162,7 @@ impl<'a> Cursor<'a> {
         if n > left / min_size.max(1) {
             return Err(format_err(
                 self.path,
-                format!("{} declares {n} items, more than the {left} bytes left in the file can hold", what()),
+                format!("{} declares {n} items, more than the {left} bytes left in the file can hold (truncated?)", what()),
             ));
         }
         Ok(n as usize)
@@ -313,7 +313,7 @@ impl GgufFile {
             let Some(count) = count.filter(|&n| n <= data.len() as u64 * 8) else {
                 return Err(format_err(
                     path,
-                    format!("tensor {name} declares dimensions {dims:?}, more values than the file holds"),
+                    format!("tensor {name} declares dimensions {dims:?}: it needs more bytes than the file holds"),
                 ));
             };
             if dims[0] % block as u64 != 0 {

@@ -45,9 +45,17 @@ _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12:
 
 
 def from_gguf(path: str) -> list[TensorHeader]:
-    """Tensor headers under the names GGUF stores, parsed from the file header alone (the
-    key/value section is skipped over, not decoded, so a large vocabulary costs nothing). Every
-    count, length and size is checked against the file's size before it is used."""
+    """Tensor headers under the names GGUF stores, from the Rust reader where the extension is
+    built; otherwise parsed here from the file header alone (the key/value section is skipped
+    over, not decoded, so a large vocabulary costs nothing). Either way every count, length and
+    size is checked against the file's size before it is used."""
+    from .._backend import rust_available
+
+    if rust_available():
+        from .. import _lowlevel
+
+        return [TensorHeader(name, tuple(shape), kind, nbytes)
+                for name, shape, kind, nbytes in _lowlevel.GgufReader(path).tensors()]
     try:
         return _gguf_headers(path)
     except ModelFormatError:
