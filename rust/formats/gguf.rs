@@ -162,7 +162,10 @@ impl<'a> Cursor<'a> {
         if n > left / min_size.max(1) {
             return Err(format_err(
                 self.path,
-                format!("{} declares {n} items, more than the {left} bytes left in the file can hold (truncated?)", what()),
+                format!(
+                    "{} declares {n} items, more than the {left} bytes left in the file can hold (truncated?)",
+                    what()
+                ),
             ));
         }
         Ok(n as usize)
@@ -255,11 +258,12 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     pub fn open(path: &str) -> Result<GgufFile> {
         let file = File::open(path).map_err(|e| EllmError::Io(format!("{path}: {e}")))?;
-        // Populated: one call maps every page instead of a fault per page (the loader reads them
-        // all). SAFETY: the mapping is read-only; a file changed underneath it by another process is
+        // Not populated up front: pages fault in as the loader copies each tensor and `release`
+        // drops them after, so the file and its copy are never resident whole at once.
+        // SAFETY: the mapping is read-only; a file changed underneath it by another process is
         // outside what any reader of a mapped file can defend against (llama.cpp maps the same way).
         let map =
-            unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| EllmError::Io(format!("{path}: cannot map the file: {e}")))?;
+            unsafe { Mmap::map(&file) }.map_err(|e| EllmError::Io(format!("{path}: cannot map the file: {e}")))?;
         let mut file = Self::parse(path, Arc::new(map))?;
         file.mapped = true;
         Ok(file)
@@ -380,12 +384,98 @@ impl GgufFile {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What a fuzzer feeds the reader: parse `data`, and make every tensor it lists into a matrix
+/// the way the engine would (as stored and expanded to f32, up to a size that keeps each input
+/// fast). Any outcome but a panic, a hang or a huge allocation is fine. Returns whether the
+/// file parsed and how many matrices were made (how deep the input got).
+pub fn fuzz_one(data: &[u8]) -> (bool, usize) {
+    use crate::model::weights::{KeepAs, Matrix, StoredTensor};
+    let Ok(file) = GgufFile::parse("fuzz.gguf", Arc::new(data.to_vec())) else { return (false, 0) };
+    let mut made = 0;
+    for entry in &file.tensors {
+        let cols = entry.dims[0] as usize;
+        let rows = entry.dims[1..].iter().product::<u64>() as usize;
+        if rows.saturating_mul(cols) > 1 << 16 {
+            continue;
+        }
+        for keep in [KeepAs::Stored, KeepAs::F32] {
+            let stored = StoredTensor {
+                name: &entry.name,
+                type_name: entry.type_name(),
+                rows,
+                cols,
+                bytes: file.map().clone(),
+                range: entry.start..entry.start + entry.nbytes,
+            };
+            if let Ok(m) = Matrix::from_stored(stored, keep, None) {
+                let _ = m.to_f32();
+                made += 1;
+            }
+        }
+    }
+    (true, made)
+}
 
+/// Small valid files for fuzzers to start from: every metadata value type, an array of strings,
+/// and tensors of F32, F16 and several block types.
+pub fn seed_files() -> Vec<Vec<u8>> {
+    fn put_str(b: &mut Vec<u8>, s: &str) {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    }
+    let tensors: [(&str, u32, usize); 5] =
+        [("w.f32", 0, 4 * 64), ("w.f16", 1, 2 * 64), ("w.q4_0", 2, 36), ("w.q8_0", 8, 68), ("w.q4_k", 12, 144)];
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&4u64.to_le_bytes());
+    put_str(&mut b, "general.architecture");
+    b.extend_from_slice(&8u32.to_le_bytes());
+    put_str(&mut b, "llama");
+    put_str(&mut b, "llama.block_count");
+    b.extend_from_slice(&4u32.to_le_bytes());
+    b.extend_from_slice(&2u32.to_le_bytes());
+    put_str(&mut b, "tokenizer.ggml.tokens");
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&8u32.to_le_bytes());
+    b.extend_from_slice(&3u64.to_le_bytes());
+    for t in ["a", "bc", "<s>"] {
+        put_str(&mut b, t);
+    }
+    put_str(&mut b, "x.f64");
+    b.extend_from_slice(&12u32.to_le_bytes());
+    b.extend_from_slice(&1.5f64.to_le_bytes());
+    let mut offset = 0u64;
+    for (name, kind, nbytes) in tensors {
+        put_str(&mut b, name);
+        let cols: u64 = if kind == 12 { 256 } else { 32 };
+        let rows = match kind {
+            0 | 1 => 2,
+            _ => 64 / cols.min(64),
+        };
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&cols.to_le_bytes());
+        b.extend_from_slice(&rows.max(1).to_le_bytes());
+        b.extend_from_slice(&kind.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        offset += (nbytes as u64).next_multiple_of(32);
+    }
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    for (i, (_, _, nbytes)) in tensors.iter().enumerate() {
+        let start = b.len();
+        b.extend((0..*nbytes).map(|j| (j * 7 + i) as u8 & 0x3F));
+        b.resize(start + nbytes.next_multiple_of(32), 0);
+    }
+    vec![b, tests_support::tiny_file()]
+}
+
+#[doc(hidden)]
+pub mod tests_support {
     /// A GGUF file: one string key, one u32 array, one 2x32 F32 tensor.
-    pub(crate) fn tiny_file() -> Vec<u8> {
+    pub fn tiny_file() -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(b"GGUF");
         b.extend_from_slice(&3u32.to_le_bytes());
@@ -419,6 +509,13 @@ mod tests {
         }
         b
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::tests_support::tiny_file;
 
     fn parse(bytes: &[u8]) -> Result<GgufFile> {
         GgufFile::parse("test.gguf", Arc::new(bytes.to_vec()))
@@ -456,5 +553,87 @@ mod tests {
                 let _ = parse(&b); // an error or a file; never a panic or a huge allocation
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! A mutation fuzzer on stable Rust, over the seed files: random byte flips, runs of 0x00 or
+    //! 0xFF, truncations, splices of two inputs and repeated chunks. `cargo test` runs a short
+    //! campaign; `ELLM_FUZZ_INPUTS=1000000 cargo test --release -- --ignored gguf_fuzz_campaign`
+    //! the long one. (`fuzz/` holds the same target for cargo-fuzz's coverage-guided libFuzzer.)
+    use rand_core::{Rng, SeedableRng};
+    use rand_xoshiro::Xoshiro256PlusPlus;
+
+    use super::{fuzz_one, seed_files};
+
+    fn mutate(r: &mut Xoshiro256PlusPlus, seeds: &[Vec<u8>]) -> Vec<u8> {
+        let mut b = seeds[r.next_u32() as usize % seeds.len()].clone();
+        for _ in 0..1 + r.next_u32() % 4 {
+            let len = b.len().max(1);
+            let at = r.next_u32() as usize % len;
+            match r.next_u32() % 6 {
+                0 => b.truncate(at),
+                1 => {
+                    if let Some(x) = b.get_mut(at) {
+                        *x ^= 1 << (r.next_u32() % 8);
+                    }
+                }
+                2 => {
+                    let v = if r.next_u32() % 2 == 0 { 0x00 } else { 0xFF };
+                    let n = (1 + r.next_u32() % 8) as usize;
+                    for x in b.iter_mut().skip(at).take(n) {
+                        *x = v;
+                    }
+                }
+                3 => {
+                    let other = &seeds[r.next_u32() as usize % seeds.len()];
+                    let from = r.next_u32() as usize % other.len().max(1);
+                    b.truncate(at);
+                    b.extend_from_slice(&other[from.min(other.len())..]);
+                }
+                4 => {
+                    let end = (at + 1 + r.next_u32() as usize % 32).min(b.len());
+                    let chunk = b[at.min(end)..end].to_vec();
+                    b.splice(at..at, chunk);
+                }
+                _ => {
+                    if let Some(x) = b.get_mut(at) {
+                        *x = r.next_u32() as u8;
+                    }
+                }
+            }
+        }
+        b
+    }
+
+    fn campaign(inputs: usize) {
+        let seeds = seed_files();
+        for s in &seeds {
+            assert!(super::GgufFile::parse("seed", std::sync::Arc::new(s.clone())).is_ok(), "a seed must parse");
+        }
+        let mut r = Xoshiro256PlusPlus::seed_from_u64(0x6767_7566);
+        let started = std::time::Instant::now();
+        let (mut parsed, mut matrices) = (0, 0);
+        for _ in 0..inputs {
+            let (ok, made) = fuzz_one(&mutate(&mut r, &seeds));
+            parsed += ok as usize;
+            matrices += made;
+        }
+        eprintln!(
+            "gguf fuzz: {inputs} inputs in {:.1} s, no panic; {parsed} parsed, {matrices} matrices made",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    #[test]
+    fn gguf_fuzz_smoke() {
+        campaign(20_000);
+    }
+
+    #[test]
+    #[ignore]
+    fn gguf_fuzz_campaign() {
+        campaign(std::env::var("ELLM_FUZZ_INPUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000));
     }
 }

@@ -78,6 +78,9 @@ impl Matrix {
     /// order (logical row i is stored row map[i]).
     pub fn from_stored(stored: StoredTensor<'_>, keep: KeepAs, row_map: Option<Vec<u32>>) -> Result<Matrix> {
         let StoredTensor { name, type_name, rows, cols, bytes, range } = stored;
+        if rows == 0 || cols == 0 {
+            return Err(EllmError::Format(format!("tensor {name} has no values (shape [{rows}, {cols}])")));
+        }
         let raw = &(*bytes).as_ref()[range.clone()];
         let kind = QuantKind::from_name(type_name);
         let stored = match (type_name, kind) {
