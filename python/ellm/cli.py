@@ -33,6 +33,8 @@ def _load(args):
         from ._bundled import bundled_model_path
 
         path = bundled_model_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model at {path}")
     size = os.path.getsize(path) if os.path.isfile(path) else None
     print(f"ellm: loading {os.path.basename(os.path.normpath(path))}" + (f" ({size / 2**20:.0f} MB)" if size else "")
           + f", weights {'as stored' if args.dtype == 'auto' else 'as ' + args.dtype} ...", file=sys.stderr, flush=True)

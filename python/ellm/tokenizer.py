@@ -49,8 +49,12 @@ TEMPLATE_SECONDS = 5.0
 TEMPLATE_MAX_CHARS = 4_000_000
 
 
+class TemplateRaised(ValueError):
+    """A chat template's own `raise_exception(message)`: the template refuses these messages
+    (roles out of order, say)."""
+
+
 def _template_environment(deadline: float):
-    from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def too_big(size: int) -> None:
@@ -79,7 +83,7 @@ def _template_environment(deadline: float):
             return super().call(__context, __obj, *args, **kwargs)
 
     def raise_exception(message: str):
-        raise TemplateError(message)
+        raise TemplateRaised(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -91,6 +95,18 @@ def _template_environment(deadline: float):
 
 
 def _render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra: Any) -> str:
+    """The template rendered: its own refusals raise ValueError (`TemplateRaised`); a template
+    that is not valid Jinja, or fails as it runs, ModelFormatError."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return _render(template, messages, add_generation_prompt, **extra)
+    except TemplateError as exc:
+        kind = "is not valid Jinja" if type(exc).__name__ == "TemplateSyntaxError" else "failed"
+        raise ModelFormatError(f"the chat template {kind}: {exc}") from None
+
+
+def _render(template: str, messages: list[dict], add_generation_prompt: bool, **extra: Any) -> str:
     deadline = time.monotonic() + TEMPLATE_SECONDS
     compiled = _template_environment(deadline).from_string(template)
 
