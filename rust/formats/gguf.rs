@@ -313,6 +313,10 @@ impl GgufFile {
             let Some(&(_, tname, block, size)) = GGML_TYPES.iter().find(|e| e.0 == ggml_type) else {
                 return Err(format_err(path, format!("tensor {name} has unknown GGML type {ggml_type}")));
             };
+            if dims.contains(&0) {
+                // (a zero would also let the product of the other dimensions overflow unchecked)
+                return Err(format_err(path, format!("tensor {name} has a zero dimension: {dims:?}")));
+            }
             let count = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let Some(count) = count.filter(|&n| n <= data.len() as u64 * 8) else {
                 return Err(format_err(

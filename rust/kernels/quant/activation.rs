@@ -99,28 +99,77 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     }
 }
 
+/// Rows per parallel task of the quantizer.
+const ROWS_PER_TASK: usize = 16;
+
+/// Every block of every row of `x` into `out` (allocated by `new`), rows in parallel for a
+/// prefill.
+fn fill(out: &mut QuantizedRows, x: &[f32]) {
+    let (k, stride) = (out.k, out.stride);
+    let (lanes, blocks, groups) = (stride / LANE, stride / ACT_BLOCK, stride / GROUP);
+    let rows = out.rows;
+    let tasks = out
+        .hi
+        .chunks_mut(ROWS_PER_TASK * stride)
+        .zip(out.lo.chunks_mut(ROWS_PER_TASK * stride))
+        .zip(out.scale_lanes.chunks_mut(ROWS_PER_TASK * lanes))
+        .zip(out.block_scale.chunks_mut(ROWS_PER_TASK * blocks))
+        .zip(out.block_sums.chunks_mut(ROWS_PER_TASK * blocks))
+        .zip(out.group_sums.chunks_mut(ROWS_PER_TASK * groups))
+        .zip(x.chunks(ROWS_PER_TASK * k.max(1)));
+    let run = |((((((hi, lo), sl), bs), bsum), gs), xs): (
+        (((((&mut [i8], &mut [i8]), &mut [f32]), &mut [f32]), &mut [f32]), &mut [f32]),
+        &[f32],
+    )| {
+        for (r, row) in xs.chunks_exact(k.max(1)).enumerate() {
+            let part = RowParts {
+                hi: &mut hi[r * stride..(r + 1) * stride],
+                lo: &mut lo[r * stride..(r + 1) * stride],
+                scale_lanes: &mut sl[r * lanes..(r + 1) * lanes],
+                block_scale: &mut bs[r * blocks..(r + 1) * blocks],
+                block_sums: &mut bsum[r * blocks..(r + 1) * blocks],
+                group_sums: &mut gs[r * groups..(r + 1) * groups],
+            };
+            quantize_row(row, part);
+        }
+    };
+    if rows <= ROWS_PER_TASK {
+        tasks.for_each(run);
+    } else {
+        use rayon::prelude::*;
+        let tasks: Vec<_> = tasks.collect();
+        crate::kernels::pool::install(|| tasks.into_par_iter().for_each(run));
+    }
+}
+
+/// One row's share of every array of `QuantizedRows`.
+struct RowParts<'a> {
+    hi: &'a mut [i8],
+    lo: &'a mut [i8],
+    scale_lanes: &'a mut [f32],
+    block_scale: &'a mut [f32],
+    block_sums: &'a mut [f32],
+    group_sums: &'a mut [f32],
+}
+
 crate::kernels::math::dispatch! {
-    /// Every block of every row of `x` into `out` (allocated by `new`).
-    fn fill(out: &mut QuantizedRows, x: &[f32]) {
-        let (k, stride) = (out.k, out.stride);
-        for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
-            let (s, nb) = (r * stride, stride / ACT_BLOCK);
-            for (b, xs) in row.chunks_exact(ACT_BLOCK).enumerate() {
-                let at = s + b * ACT_BLOCK;
-                let d = quantize_two_digits(xs, &mut out.hi[at..at + ACT_BLOCK], &mut out.lo[at..at + ACT_BLOCK]);
-                let scale = d / LO_SCALE;
-                out.scale_lanes[(at / LANE)..(at + ACT_BLOCK) / LANE].fill(scale);
-                out.block_scale[r * nb + b] = scale;
-                let mut block_sum = 0;
-                for g in 0..ACT_BLOCK / GROUP {
-                    let range = at + g * GROUP..at + (g + 1) * GROUP;
-                    let sum: i32 = out.hi[range.clone()].iter().map(|&v| (v as i32) << LO_SHIFT).sum::<i32>()
-                        + out.lo[range].iter().map(|&v| v as i32).sum::<i32>();
-                    out.group_sums[at / GROUP + g] = scale * sum as f32;
-                    block_sum += sum;
+    /// One row's blocks in two digits, with their scales and sums.
+    fn quantize_row(x: &[f32], out: RowParts<'_>) {
+        for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
+            let at = b * ACT_BLOCK;
+            let (hi, lo) = (&mut out.hi[at..at + ACT_BLOCK], &mut out.lo[at..at + ACT_BLOCK]);
+            let d = quantize_two_digits(xs, hi, lo);
+            let scale = d / LO_SCALE;
+            out.scale_lanes[at / LANE..(at + ACT_BLOCK) / LANE].fill(scale);
+            out.block_scale[b] = scale;
+            let mut sums = [0i32; ACT_BLOCK / GROUP];
+            for (g, sum) in sums.iter_mut().enumerate() {
+                for i in g * GROUP..(g + 1) * GROUP {
+                    *sum += ((hi[i] as i32) << LO_SHIFT) + lo[i] as i32;
                 }
-                out.block_sums[r * nb + b] = scale * block_sum as f32;
+                out.group_sums[at / GROUP + g] = scale * *sum as f32;
             }
+            out.block_sums[b] = scale * sums.iter().sum::<i32>() as f32;
         }
     }
 }
@@ -130,19 +179,26 @@ crate::kernels::math::dispatch! {
 /// rounding vectorizes). Returns d; NaN where the block holds a NaN.
 #[inline(always)]
 pub fn quantize_two_digits(x: &[f32], hi: &mut [i8], lo: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // max |x| as the largest bit pattern with the sign cleared: the same order for floats that
+    // are not NaN, an integer max that vectorizes, and NaN wins (so d is NaN and shows)
+    let amax = f32::from_bits(x.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0));
     let d = amax / 127.0;
-    let (id, id_lo) = if d != 0.0 && d.is_finite() { (1.0 / d, LO_SCALE / d) } else { (0.0, 0.0) };
-    let mut nan = false;
+    if d == 0.0 || !d.is_finite() {
+        // all zeros, or a NaN or infinity somewhere: zeros, and d shows it in every product
+        hi.fill(0);
+        lo.fill(0);
+        return d;
+    }
+    let (id, id_lo) = (1.0 / d, LO_SCALE / d);
     for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(x) {
-        let q = (v * id).round_ties_even();
-        *h = q as i8;
-        *l = ((v - d * q) * id_lo).round_ties_even().clamp(-64.0, 64.0) as i8;
-        nan |= v.is_nan();
+        let q = (v * id).round_ties_even().clamp(-127.0, 127.0);
+        let r = ((v - d * q) * id_lo).round_ties_even().clamp(-64.0, 64.0);
+        // SAFETY: every value is finite (max |x| is), so q and r are whole numbers in range;
+        // the checked conversion would not vectorize
+        unsafe {
+            *h = q.to_int_unchecked::<i32>() as i8;
+            *l = r.to_int_unchecked::<i32>() as i8;
+        }
     }
-    if nan {
-        f32::NAN
-    } else {
-        d
-    }
+    d
 }

@@ -427,70 +427,79 @@ pub mod x86 {
         }
     }
 
-    /// `out[c][r]` = row r of the group against activation row `first + c`, for RX rows.
+    /// `out[k][c][r]` = row r of group `groups[k]` against activation row `first + c`, for RX
+    /// activation rows and G groups at once: each activation broadcast feeds G products, each
+    /// weight vector RX (the kernel is bound by loads otherwise).
     ///
     /// # Safety
-    /// `group` is one whole packed group of `F` for rows as long as `act`'s, activation rows
+    /// Each group is one whole packed group of `F` for rows as long as `act`'s, activation rows
     /// `first..first + RX` exist, and the CPU has AVX-512 F/BW/VL/VNNI.
     #[allow(clippy::needless_range_loop)] // index loops over arrays of vector registers
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c,fma")]
-    pub unsafe fn group_dot<F: Scales16, const RX: usize>(
-        group: &[u8],
+    pub unsafe fn group_dot<F: Scales16, const RX: usize, const G: usize>(
+        groups: [&[u8]; G],
         act: &QuantizedRows,
         first: usize,
-        out: &mut [[f32; ROWS]; RX],
+        out: &mut [[[f32; ROWS]; RX]; G],
     ) {
-        let blocks = group.len() / block_bytes::<F>();
-        let mut acc = [_mm512_setzero_ps(); RX];
+        let blocks = groups[0].len() / block_bytes::<F>();
+        let mut acc = [[_mm512_setzero_ps(); RX]; G];
         let subs = F::ELEMS / SUB;
+        let half_of_hi = if F::SPLIT { 1 } else { 0 };
         for b in 0..blocks {
-            let block = group.as_ptr().add(b * block_bytes::<F>());
+            let block: [*const u8; G] = std::array::from_fn(|k| groups[k].as_ptr().add(b * block_bytes::<F>()));
             for j in 0..subs {
-                let sub = block.add(F::HEAD + j * sub_bytes::<F>());
+                let sub: [*const u8; G] = std::array::from_fn(|k| block[k].add(F::HEAD + j * sub_bytes::<F>()));
                 // a single core streams weights from RAM faster with requests ahead of its loads
-                for line in 0..sub_bytes::<F>().div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(sub.add(PREFETCH + 64 * line).cast());
+                for k in 0..G {
+                    for line in 0..sub_bytes::<F>().div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(sub[k].add(PREFETCH + 64 * line).cast());
+                    }
                 }
                 let ab = b * subs + j; // the activation block
                 let zero = _mm512_setzero_si512();
-                // [c][half][digit]
-                let mut sums = [[[zero; 2]; 2]; RX];
+                // [group][c][half][digit]
+                let mut sums = [[[[zero; 2]; 2]; RX]; G];
                 for g in 0..4 {
-                    let (lo, hi) = values(F::BITS, sub, g);
+                    let vals: [(__m512i, __m512i); G] = std::array::from_fn(|k| values(F::BITS, sub[k], g));
                     for c in 0..RX {
                         let at = (first + c) * act.stride + ab * SUB + 4 * g;
                         let (h, l) = (act.hi.as_ptr().add(at), act.lo.as_ptr().add(at));
-                        let half = if F::SPLIT { 1 } else { 0 };
-                        let s = &mut sums[c];
-                        s[0][0] = _mm512_dpbusd_epi32(s[0][0], lo, broadcast4(h));
-                        s[0][1] = _mm512_dpbusd_epi32(s[0][1], lo, broadcast4(l));
-                        s[half][0] = _mm512_dpbusd_epi32(s[half][0], hi, broadcast4(h.add(16)));
-                        s[half][1] = _mm512_dpbusd_epi32(s[half][1], hi, broadcast4(l.add(16)));
+                        let digits = [broadcast4(h), broadcast4(l), broadcast4(h.add(16)), broadcast4(l.add(16))];
+                        for k in 0..G {
+                            let (lo, hi) = vals[k];
+                            let s = &mut sums[k][c];
+                            s[0][0] = _mm512_dpbusd_epi32(s[0][0], lo, digits[0]);
+                            s[0][1] = _mm512_dpbusd_epi32(s[0][1], lo, digits[1]);
+                            s[half_of_hi][0] = _mm512_dpbusd_epi32(s[half_of_hi][0], hi, digits[2]);
+                            s[half_of_hi][1] = _mm512_dpbusd_epi32(s[half_of_hi][1], hi, digits[3]);
+                        }
                     }
                 }
                 for half in 0..if F::SPLIT { 2 } else { 1 } {
-                    let (scale, offset) = F::scales16(block, sub.add(value_bytes(F::BITS)), half);
                     for c in 0..RX {
                         let row = first + c;
-                        let [h, l] = sums[c][half];
-                        let ints = _mm512_add_epi32(_mm512_slli_epi32::<LO_SHIFT>(h), l);
-                        let (da, asum) = if F::SPLIT {
-                            (
-                                act.block_scale[row * act.stride / SUB + ab],
-                                act.group_sums[row * act.stride / 16 + 2 * ab + half],
-                            )
+                        let da = _mm512_set1_ps(act.block_scale[row * act.stride / SUB + ab]);
+                        let asum = _mm512_set1_ps(if F::SPLIT {
+                            act.group_sums[row * act.stride / 16 + 2 * ab + half]
                         } else {
-                            (act.block_scale[row * act.stride / SUB + ab], act.block_sums[row * act.stride / SUB + ab])
-                        };
-                        acc[c] =
-                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_mul_ps(scale, _mm512_set1_ps(da)), acc[c]);
-                        acc[c] = _mm512_fmadd_ps(offset, _mm512_set1_ps(asum), acc[c]);
+                            act.block_sums[row * act.stride / SUB + ab]
+                        });
+                        for k in 0..G {
+                            let (scale, offset) = F::scales16(block[k], sub[k].add(value_bytes(F::BITS)), half);
+                            let [h, l] = sums[k][c][half];
+                            let ints = _mm512_add_epi32(_mm512_slli_epi32::<LO_SHIFT>(h), l);
+                            let a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_mul_ps(scale, da), acc[k][c]);
+                            acc[k][c] = _mm512_fmadd_ps(offset, asum, a);
+                        }
                     }
                 }
             }
         }
-        for c in 0..RX {
-            _mm512_storeu_ps(out[c].as_mut_ptr(), acc[c]);
+        for k in 0..G {
+            for c in 0..RX {
+                _mm512_storeu_ps(out[k][c].as_mut_ptr(), acc[k][c]);
+            }
         }
     }
 }

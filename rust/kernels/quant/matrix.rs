@@ -301,28 +301,60 @@ unsafe fn groups_product(
     out: &DisjointWrites,
     rows: Range<usize>,
 ) {
-    use interleaved::{x86::group_dot, ROWS};
+    use interleaved::ROWS;
     let n = w.rows;
-    for first_row in rows.step_by(ROWS) {
-        let group = &data[first_row / ROWS * group_bytes..][..group_bytes];
-        let mut i = 0;
-        let put = |i: usize, values: &[f32; ROWS]| {
-            for (r, &v) in values.iter().enumerate() {
-                *out.at(i * n + first_row + r) = v;
-            }
-        };
-        while i + TILE_INPUTS <= act.rows {
-            let mut tile = [[0.0f32; ROWS]; TILE_INPUTS];
-            with_kind!(w.kind, F => group_dot::<F, TILE_INPUTS>(group, act, i, &mut tile));
-            for (c, values) in tile.iter().enumerate() {
-                put(i + c, values);
-            }
-            i += TILE_INPUTS;
+    let group = |first_row: usize| &data[first_row / ROWS * group_bytes..][..group_bytes];
+    let put = |first_row: usize, i: usize, values: &[f32; ROWS]| {
+        for (r, &v) in values.iter().enumerate() {
+            *out.at(i * n + first_row + r) = v;
         }
-        for i in i..act.rows {
-            let mut tile = [[0.0f32; ROWS]; 1];
-            with_kind!(w.kind, F => group_dot::<F, 1>(group, act, i, &mut tile));
-            put(i, &tile[0]);
+    };
+    // two groups at a time where the format's accumulators fit the registers twice over
+    let pairs = !w.kind.split_halves();
+    let firsts: Vec<usize> = rows.step_by(ROWS).collect();
+    let mut at = 0;
+    while at < firsts.len() {
+        if pairs && at + 1 < firsts.len() {
+            let (a, b) = (firsts[at], firsts[at + 1]);
+            tiles::<2>(w.kind, [group(a), group(b)], act, &mut |k, i, v| put([a, b][k], i, v));
+            at += 2;
+        } else {
+            let a = firsts[at];
+            tiles::<1>(w.kind, [group(a)], act, &mut |_, i, v| put(a, i, v));
+            at += 1;
+        }
+    }
+}
+
+/// Every activation row against G groups, TILE_INPUTS rows at a time, handing each group's 16
+/// results for input row i to `put(group index, i, results)`.
+///
+/// # Safety
+/// As `group_dot`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiles<const G: usize>(
+    kind: QuantKind,
+    groups: [&[u8]; G],
+    act: &QuantizedRows,
+    put: &mut dyn FnMut(usize, usize, &[f32; interleaved::ROWS]),
+) {
+    use interleaved::{x86::group_dot, ROWS};
+    let mut i = 0;
+    while i + TILE_INPUTS <= act.rows {
+        let mut tile = [[[0.0f32; ROWS]; TILE_INPUTS]; G];
+        with_kind!(kind, F => group_dot::<F, TILE_INPUTS, G>(groups, act, i, &mut tile));
+        for (k, rows) in tile.iter().enumerate() {
+            for (c, values) in rows.iter().enumerate() {
+                put(k, i + c, values);
+            }
+        }
+        i += TILE_INPUTS;
+    }
+    for i in i..act.rows {
+        let mut tile = [[[0.0f32; ROWS]; 1]; G];
+        with_kind!(kind, F => group_dot::<F, 1, G>(groups, act, i, &mut tile));
+        for (k, rows) in tile.iter().enumerate() {
+            put(k, i, &rows[0]);
         }
     }
 }

@@ -83,6 +83,11 @@ impl QuantKind {
         self.props().1
     }
 
+    /// The two halves of a sub-block of 32 have scales of their own (Q6_K).
+    pub fn split_halves(self) -> bool {
+        self == QuantKind::Q6_K
+    }
+
     /// Unpacked values may exceed 127.
     pub fn wide(self) -> bool {
         self.props().2 > 127
