@@ -221,29 +221,35 @@ pub fn pack<F: Interleave>(rows: &[&[F]; ROWS], out: &mut [u8]) {
         F::pack_head(&blocks, &mut block[..F::HEAD]);
         for j in 0..F::ELEMS / SUB {
             let sub = &mut block[F::HEAD + j * sub_bytes::<F>()..][..sub_bytes::<F>()];
-            let values = |r: usize, e: usize| u[r][j * SUB + e];
-            pack_values(F::BITS, values, sub);
+            pack_values(F::BITS, &u, j * SUB, sub);
             F::pack_sub_scales(&blocks, j, &mut sub[value_bytes(F::BITS)..]);
         }
     }
 }
 
-fn pack_values(bits: u32, value: impl Fn(usize, usize) -> u8, sub: &mut [u8]) {
-    for r in 0..ROWS {
-        for k in 0..4 {
-            let lane = 4 * r + k;
-            if bits == 8 {
-                for g in 0..8 {
-                    sub[g * VECTOR + lane] = value(r, 4 * g + k);
+/// The value planes of one sub-block (values `base..base + 32` of every row of `u`).
+fn pack_values(bits: u32, u: &[[u8; 256]; ROWS], base: usize, sub: &mut [u8]) {
+    let vectors: &mut [[u8; VECTOR]] = sub.as_chunks_mut::<VECTOR>().0;
+    for (r, row) in u.iter().enumerate() {
+        let v: &[u8; SUB] = row[base..base + SUB].try_into().expect("a sub-block");
+        if bits == 8 {
+            for g in 0..8 {
+                vectors[g][4 * r..4 * r + 4].copy_from_slice(&v[4 * g..4 * g + 4]);
+            }
+            continue;
+        }
+        for g in 0..4 {
+            for k in 0..4 {
+                vectors[g][4 * r + k] = (v[4 * g + k] & 0x0F) | ((v[16 + 4 * g + k] & 0x0F) << 4);
+            }
+        }
+        for plane in 0..(bits as usize - 4) {
+            for k in 0..4 {
+                let mut byte = 0u8;
+                for j in 0..8 {
+                    byte |= ((v[4 * j + k] >> (4 + plane)) & 1) << j;
                 }
-                continue;
-            }
-            for g in 0..4 {
-                sub[g * VECTOR + lane] = (value(r, 4 * g + k) & 0x0F) | ((value(r, 16 + 4 * g + k) & 0x0F) << 4);
-            }
-            for plane in 0..(bits as usize - 4) {
-                sub[(4 + plane) * VECTOR + lane] =
-                    (0..8).map(|j| ((value(r, 4 * j + k) >> (4 + plane)) & 1) << j).fold(0, |a, b| a | b);
+                vectors[4 + plane][4 * r + k] = byte;
             }
         }
     }
