@@ -89,6 +89,16 @@ impl GgufReader {
         Ok(d)
     }
 
+    /// The metadata keys, in file order.
+    fn keys(&self) -> Vec<String> {
+        self.file.metadata.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// One metadata value (arrays as lists), or None.
+    fn get<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.file.get(key).map(|v| value_to_py(py, v)).transpose()
+    }
+
     /// `(name, shape slowest first, type name, bytes)` of every tensor, in file order.
     fn tensors(&self) -> Vec<(String, Vec<usize>, &'static str, usize)> {
         self.file.tensors.iter().map(|t| (t.name.clone(), t.shape(), t.type_name(), t.nbytes)).collect()

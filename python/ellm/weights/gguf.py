@@ -75,7 +75,7 @@ class GgufContents:
         self.native = native
         self._reader = reader
         if native is not None:
-            self.metadata = native.metadata()
+            self.metadata = _NativeFields(native)
             listed = native.tensors()
         else:
             self.metadata = _LazyFields(reader)
@@ -91,6 +91,30 @@ class GgufContents:
 
         t = next(t for t in self._reader.tensors if t.name == name)
         return dequantize(np.asarray(t.data).view(np.uint8), t.tensor_type.name, self.tensors[name].shape)
+
+
+class _NativeFields(Mapping):
+    """The Rust reader's metadata, each value made a Python object when first asked for (the
+    vocabulary only when a tokenizer is built)."""
+
+    def __init__(self, native) -> None:
+        self._native = native
+        self._keys = native.keys()
+        self._cache: dict = {}
+
+    def __getitem__(self, key: str):
+        if key not in self._cache:
+            value = self._native.get(key)
+            if value is None:
+                raise KeyError(key)
+            self._cache[key] = value
+        return self._cache[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class _LazyFields(Mapping):
@@ -148,8 +172,9 @@ def model_args(contents: GgufContents, path: str) -> ModelArgs:
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    vocab = optional("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
     tensors = contents.tensors
+    embedding = tensors.get("token_embd.weight")
+    vocab = optional("vocab_size") or (embedding.shape[0] if embedding else len(meta.get("tokenizer.ggml.tokens") or ()))
     d = {
         "model_type": _ARCHITECTURES[arch],
         "vocab_size": int(vocab),
