@@ -105,40 +105,32 @@ const ROWS_PER_TASK: usize = 16;
 /// Every block of every row of `x` into `out` (allocated by `new`), rows in parallel for a
 /// prefill.
 fn fill(out: &mut QuantizedRows, x: &[f32]) {
-    let (k, stride) = (out.k, out.stride);
+    let (k, stride) = (out.k.max(1), out.stride);
     let (lanes, blocks, groups) = (stride / LANE, stride / ACT_BLOCK, stride / GROUP);
-    let rows = out.rows;
-    let tasks = out
+    let parts: Vec<RowParts<'_>> = out
         .hi
-        .chunks_mut(ROWS_PER_TASK * stride)
-        .zip(out.lo.chunks_mut(ROWS_PER_TASK * stride))
-        .zip(out.scale_lanes.chunks_mut(ROWS_PER_TASK * lanes))
-        .zip(out.block_scale.chunks_mut(ROWS_PER_TASK * blocks))
-        .zip(out.block_sums.chunks_mut(ROWS_PER_TASK * blocks))
-        .zip(out.group_sums.chunks_mut(ROWS_PER_TASK * groups))
-        .zip(x.chunks(ROWS_PER_TASK * k.max(1)));
-    let run = |((((((hi, lo), sl), bs), bsum), gs), xs): (
-        (((((&mut [i8], &mut [i8]), &mut [f32]), &mut [f32]), &mut [f32]), &mut [f32]),
-        &[f32],
-    )| {
-        for (r, row) in xs.chunks_exact(k.max(1)).enumerate() {
-            let part = RowParts {
-                hi: &mut hi[r * stride..(r + 1) * stride],
-                lo: &mut lo[r * stride..(r + 1) * stride],
-                scale_lanes: &mut sl[r * lanes..(r + 1) * lanes],
-                block_scale: &mut bs[r * blocks..(r + 1) * blocks],
-                block_sums: &mut bsum[r * blocks..(r + 1) * blocks],
-                group_sums: &mut gs[r * groups..(r + 1) * groups],
-            };
-            quantize_row(row, part);
-        }
-    };
-    if rows <= ROWS_PER_TASK {
-        tasks.for_each(run);
+        .chunks_mut(stride)
+        .zip(out.lo.chunks_mut(stride))
+        .zip(out.scale_lanes.chunks_mut(lanes))
+        .zip(out.block_scale.chunks_mut(blocks).zip(out.block_sums.chunks_mut(blocks)))
+        .zip(out.group_sums.chunks_mut(groups))
+        .map(|((((hi, lo), scale_lanes), (block_scale, block_sums)), group_sums)| RowParts {
+            hi,
+            lo,
+            scale_lanes,
+            block_scale,
+            block_sums,
+            group_sums,
+        })
+        .collect();
+    let rows: Vec<(&[f32], RowParts<'_>)> = x.chunks_exact(k).zip(parts).collect();
+    if rows.len() <= ROWS_PER_TASK {
+        rows.into_iter().for_each(|(x, part)| quantize_row(x, part));
     } else {
         use rayon::prelude::*;
-        let tasks: Vec<_> = tasks.collect();
-        crate::kernels::pool::install(|| tasks.into_par_iter().for_each(run));
+        crate::kernels::pool::install(|| {
+            rows.into_par_iter().with_min_len(ROWS_PER_TASK).for_each(|(x, part)| quantize_row(x, part))
+        });
     }
 }
 

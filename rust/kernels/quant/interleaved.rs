@@ -68,75 +68,49 @@ fn put_halves(head: &mut [u8], at: usize, values: impl Iterator<Item = [u8; 2]>)
     }
 }
 
-impl Interleave for BlockQ4_0 {
-    const BITS: u32 = 4;
-    const HEAD: usize = 32;
-    const SUB_SCALES: usize = 0;
-    fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
-        put_halves(head, 0, rows.iter().map(|b| b.d));
-    }
-    fn pack_sub_scales(_: &[&Self; ROWS], _: usize, _: &mut [u8]) {}
-    fn scale_offset(head: &[u8], _: &[u8], r: usize, _: usize) -> (f32, f32) {
-        let d = half_le(head, 2 * r);
-        (d, -8.0 * d)
-    }
+/// A 32-value format whose offset is a fixed number of steps below zero (`w = d * (q - levels)`):
+/// its head holds d.
+macro_rules! scale_and_levels {
+    ($t:ty, $bits:expr, $levels:expr) => {
+        impl Interleave for $t {
+            const BITS: u32 = $bits;
+            const HEAD: usize = 32;
+            const SUB_SCALES: usize = 0;
+            fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
+                put_halves(head, 0, rows.iter().map(|b| b.d));
+            }
+            fn pack_sub_scales(_: &[&Self; ROWS], _: usize, _: &mut [u8]) {}
+            fn scale_offset(head: &[u8], _: &[u8], r: usize, _: usize) -> (f32, f32) {
+                let d = half_le(head, 2 * r);
+                (d, -$levels * d)
+            }
+        }
+    };
 }
+scale_and_levels!(BlockQ4_0, 4, 8.0);
+scale_and_levels!(BlockQ5_0, 5, 16.0);
+scale_and_levels!(BlockQ8_0, 8, 128.0);
 
-impl Interleave for BlockQ4_1 {
-    const BITS: u32 = 4;
-    const HEAD: usize = 64;
-    const SUB_SCALES: usize = 0;
-    fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
-        put_halves(head, 0, rows.iter().map(|b| b.d));
-        put_halves(head, 32, rows.iter().map(|b| b.m));
-    }
-    fn pack_sub_scales(_: &[&Self; ROWS], _: usize, _: &mut [u8]) {}
-    fn scale_offset(head: &[u8], _: &[u8], r: usize, _: usize) -> (f32, f32) {
-        (half_le(head, 2 * r), half_le(head, 32 + 2 * r))
-    }
+/// A 32-value format with a scale and a min (`w = d * q + m`): its head holds d, then m.
+macro_rules! scale_and_min {
+    ($t:ty, $bits:expr) => {
+        impl Interleave for $t {
+            const BITS: u32 = $bits;
+            const HEAD: usize = 64;
+            const SUB_SCALES: usize = 0;
+            fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
+                put_halves(head, 0, rows.iter().map(|b| b.d));
+                put_halves(head, 32, rows.iter().map(|b| b.m));
+            }
+            fn pack_sub_scales(_: &[&Self; ROWS], _: usize, _: &mut [u8]) {}
+            fn scale_offset(head: &[u8], _: &[u8], r: usize, _: usize) -> (f32, f32) {
+                (half_le(head, 2 * r), half_le(head, 32 + 2 * r))
+            }
+        }
+    };
 }
-
-impl Interleave for BlockQ5_0 {
-    const BITS: u32 = 5;
-    const HEAD: usize = 32;
-    const SUB_SCALES: usize = 0;
-    fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
-        put_halves(head, 0, rows.iter().map(|b| b.d));
-    }
-    fn pack_sub_scales(_: &[&Self; ROWS], _: usize, _: &mut [u8]) {}
-    fn scale_offset(head: &[u8], _: &[u8], r: usize, _: usize) -> (f32, f32) {
-        let d = half_le(head, 2 * r);
-        (d, -16.0 * d)
-    }
-}
-
-impl Interleave for BlockQ5_1 {
-    const BITS: u32 = 5;
-    const HEAD: usize = 64;
-    const SUB_SCALES: usize = 0;
-    fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
-        put_halves(head, 0, rows.iter().map(|b| b.d));
-        put_halves(head, 32, rows.iter().map(|b| b.m));
-    }
-    fn pack_sub_scales(_: &[&Self; ROWS], _: usize, _: &mut [u8]) {}
-    fn scale_offset(head: &[u8], _: &[u8], r: usize, _: usize) -> (f32, f32) {
-        (half_le(head, 2 * r), half_le(head, 32 + 2 * r))
-    }
-}
-
-impl Interleave for BlockQ8_0 {
-    const BITS: u32 = 8;
-    const HEAD: usize = 32;
-    const SUB_SCALES: usize = 0;
-    fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
-        put_halves(head, 0, rows.iter().map(|b| b.d));
-    }
-    fn pack_sub_scales(_: &[&Self; ROWS], _: usize, _: &mut [u8]) {}
-    fn scale_offset(head: &[u8], _: &[u8], r: usize, _: usize) -> (f32, f32) {
-        let d = half_le(head, 2 * r);
-        (d, -128.0 * d)
-    }
-}
+scale_and_min!(BlockQ4_1, 4);
+scale_and_min!(BlockQ5_1, 5);
 
 /// Q4_K and Q5_K: d and dmin per row in the head; per sub-block the 6-bit scale and min, one
 /// byte each.
@@ -157,35 +131,26 @@ fn k4_scale_offset(head: &[u8], sub_scales: &[u8], r: usize) -> (f32, f32) {
     (half_le(head, 2 * r) * sub_scales[r] as f32, -half_le(head, 32 + 2 * r) * sub_scales[ROWS + r] as f32)
 }
 
-impl Interleave for BlockQ4K {
-    const BITS: u32 = 4;
-    const HEAD: usize = 64;
-    const SUB_SCALES: usize = 32;
-    fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
-        k4_head::<0>(rows.iter().map(|b| b.d), rows.iter().map(|b| b.dmin), head);
-    }
-    fn pack_sub_scales(rows: &[&Self; ROWS], sub: usize, out: &mut [u8]) {
-        k4_sub_scales(rows.iter().map(|b| b.scales), sub, out);
-    }
-    fn scale_offset(head: &[u8], sub_scales: &[u8], r: usize, _: usize) -> (f32, f32) {
-        k4_scale_offset(head, sub_scales, r)
-    }
+macro_rules! k_scales {
+    ($t:ty, $bits:expr) => {
+        impl Interleave for $t {
+            const BITS: u32 = $bits;
+            const HEAD: usize = 64;
+            const SUB_SCALES: usize = 32;
+            fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
+                k4_head::<0>(rows.iter().map(|b| b.d), rows.iter().map(|b| b.dmin), head);
+            }
+            fn pack_sub_scales(rows: &[&Self; ROWS], sub: usize, out: &mut [u8]) {
+                k4_sub_scales(rows.iter().map(|b| b.scales), sub, out);
+            }
+            fn scale_offset(head: &[u8], sub_scales: &[u8], r: usize, _: usize) -> (f32, f32) {
+                k4_scale_offset(head, sub_scales, r)
+            }
+        }
+    };
 }
-
-impl Interleave for BlockQ5K {
-    const BITS: u32 = 5;
-    const HEAD: usize = 64;
-    const SUB_SCALES: usize = 32;
-    fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
-        k4_head::<0>(rows.iter().map(|b| b.d), rows.iter().map(|b| b.dmin), head);
-    }
-    fn pack_sub_scales(rows: &[&Self; ROWS], sub: usize, out: &mut [u8]) {
-        k4_sub_scales(rows.iter().map(|b| b.scales), sub, out);
-    }
-    fn scale_offset(head: &[u8], sub_scales: &[u8], r: usize, _: usize) -> (f32, f32) {
-        k4_scale_offset(head, sub_scales, r)
-    }
-}
+k_scales!(BlockQ4K, 4);
+k_scales!(BlockQ5K, 5);
 
 impl Interleave for BlockQ6K {
     const BITS: u32 = 6;
@@ -293,19 +258,7 @@ fn packed_value(bits: u32, sub: &[u8], r: usize, e: usize) -> u8 {
 
 /// Bytes per group of 16 rows of `cols` values.
 pub fn group_bytes(kind: QuantKind, cols: usize) -> usize {
-    fn of<F: Interleave>(cols: usize) -> usize {
-        cols / F::ELEMS * block_bytes::<F>()
-    }
-    match kind {
-        QuantKind::Q4_0 => of::<BlockQ4_0>(cols),
-        QuantKind::Q4_1 => of::<BlockQ4_1>(cols),
-        QuantKind::Q5_0 => of::<BlockQ5_0>(cols),
-        QuantKind::Q5_1 => of::<BlockQ5_1>(cols),
-        QuantKind::Q8_0 => of::<BlockQ8_0>(cols),
-        QuantKind::Q4_K => of::<BlockQ4K>(cols),
-        QuantKind::Q5_K => of::<BlockQ5K>(cols),
-        QuantKind::Q6_K => of::<BlockQ6K>(cols),
-    }
+    super::with_kind!(kind, F => cols / F::ELEMS * block_bytes::<F>())
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -382,7 +335,7 @@ pub mod x86 {
         _mm512_cvtepi32_ps(if signed { _mm512_cvtepi8_epi32(b) } else { _mm512_cvtepu8_epi32(b) })
     }
 
-    macro_rules! scaled_offset {
+    macro_rules! levels16 {
         ($t:ty, $levels:expr) => {
             impl Scales16 for $t {
                 #[inline(always)]
@@ -393,11 +346,11 @@ pub mod x86 {
             }
         };
     }
-    scaled_offset!(BlockQ4_0, -8.0);
-    scaled_offset!(BlockQ5_0, -16.0);
-    scaled_offset!(BlockQ8_0, -128.0);
+    levels16!(BlockQ4_0, -8.0);
+    levels16!(BlockQ5_0, -16.0);
+    levels16!(BlockQ8_0, -128.0);
 
-    macro_rules! scale_and_min {
+    macro_rules! min16 {
         ($t:ty) => {
             impl Scales16 for $t {
                 #[inline(always)]
@@ -407,8 +360,8 @@ pub mod x86 {
             }
         };
     }
-    scale_and_min!(BlockQ4_1);
-    scale_and_min!(BlockQ5_1);
+    min16!(BlockQ4_1);
+    min16!(BlockQ5_1);
 
     macro_rules! k4 {
         ($t:ty) => {

@@ -16,46 +16,6 @@ use super::{as_blocks, QuantKind, UnpackedRow};
 use crate::error::{EllmError, Result};
 use crate::kernels::pool::{self, DisjointWrites};
 
-/// Run `$body` with `$f` the block type of `$kind`.
-macro_rules! with_kind {
-    ($kind:expr, $f:ident => $body:expr) => {
-        match $kind {
-            QuantKind::Q4_0 => {
-                type $f = BlockQ4_0;
-                $body
-            }
-            QuantKind::Q4_1 => {
-                type $f = BlockQ4_1;
-                $body
-            }
-            QuantKind::Q5_0 => {
-                type $f = BlockQ5_0;
-                $body
-            }
-            QuantKind::Q5_1 => {
-                type $f = BlockQ5_1;
-                $body
-            }
-            QuantKind::Q8_0 => {
-                type $f = BlockQ8_0;
-                $body
-            }
-            QuantKind::Q4_K => {
-                type $f = BlockQ4K;
-                $body
-            }
-            QuantKind::Q5_K => {
-                type $f = BlockQ5K;
-                $body
-            }
-            QuantKind::Q6_K => {
-                type $f = BlockQ6K;
-                $body
-            }
-        }
-    };
-}
-
 /// Bytes that outlive their matrix's users: a file mapping or an owned copy.
 pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 

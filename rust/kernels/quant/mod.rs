@@ -2,6 +2,47 @@
 //! activations quantized once to 8 bits (`activation`), integer dot products (`dot`), and the
 //! matrix product over them (`matrix`).
 
+/// Run `$body` with `$f` the block type of `$kind`.
+macro_rules! with_kind {
+    ($kind:expr, $f:ident => $body:expr) => {
+        match $kind {
+            QuantKind::Q4_0 => {
+                type $f = BlockQ4_0;
+                $body
+            }
+            QuantKind::Q4_1 => {
+                type $f = BlockQ4_1;
+                $body
+            }
+            QuantKind::Q5_0 => {
+                type $f = BlockQ5_0;
+                $body
+            }
+            QuantKind::Q5_1 => {
+                type $f = BlockQ5_1;
+                $body
+            }
+            QuantKind::Q8_0 => {
+                type $f = BlockQ8_0;
+                $body
+            }
+            QuantKind::Q4_K => {
+                type $f = BlockQ4K;
+                $body
+            }
+            QuantKind::Q5_K => {
+                type $f = BlockQ5K;
+                $body
+            }
+            QuantKind::Q6_K => {
+                type $f = BlockQ6K;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_kind;
+
 pub mod activation;
 pub mod blocks;
 pub mod dot;
@@ -94,33 +135,12 @@ impl QuantKind {
     }
 
     fn props(self) -> (usize, usize, u8) {
-        fn of<B: Block>() -> (usize, usize, u8) {
-            (B::ELEMS, std::mem::size_of::<B>(), B::MAX_U)
-        }
-        match self {
-            QuantKind::Q4_0 => of::<BlockQ4_0>(),
-            QuantKind::Q4_1 => of::<BlockQ4_1>(),
-            QuantKind::Q5_0 => of::<BlockQ5_0>(),
-            QuantKind::Q5_1 => of::<BlockQ5_1>(),
-            QuantKind::Q8_0 => of::<BlockQ8_0>(),
-            QuantKind::Q4_K => of::<BlockQ4K>(),
-            QuantKind::Q5_K => of::<BlockQ5K>(),
-            QuantKind::Q6_K => of::<BlockQ6K>(),
-        }
+        with_kind!(self, B => (B::ELEMS, std::mem::size_of::<B>(), B::MAX_U))
     }
 
     /// Unpack one row's blocks (`bytes`, whole blocks) into `row` (see `blocks`).
     pub fn unpack_row(self, bytes: &[u8], row: &mut UnpackedRow) {
-        match self {
-            QuantKind::Q4_0 => unpack_blocks::<BlockQ4_0>(bytes, row),
-            QuantKind::Q4_1 => unpack_blocks::<BlockQ4_1>(bytes, row),
-            QuantKind::Q5_0 => unpack_blocks::<BlockQ5_0>(bytes, row),
-            QuantKind::Q5_1 => unpack_blocks::<BlockQ5_1>(bytes, row),
-            QuantKind::Q8_0 => unpack_blocks::<BlockQ8_0>(bytes, row),
-            QuantKind::Q4_K => unpack_blocks::<BlockQ4K>(bytes, row),
-            QuantKind::Q5_K => unpack_blocks::<BlockQ5K>(bytes, row),
-            QuantKind::Q6_K => unpack_blocks::<BlockQ6K>(bytes, row),
-        }
+        with_kind!(self, B => unpack_blocks::<B>(bytes, row))
     }
 }
 
