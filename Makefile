@@ -44,7 +44,7 @@ bench: $(STAMP)
 # ruff comes from PyPI; no tool binaries live in the repository.
 lint: $(STAMP)
 	$(PY) -m pip install --quiet "ruff>=0.6"
-	$(VENV)/bin/ruff check --select E4,E7,E9,F,W --line-length 120 python tests benches examples
+	$(VENV)/bin/ruff check --select E4,E7,E9,F,W --line-length 120 python tests benches examples fuzz
 	cargo clippy --release --no-default-features
 
 clean:

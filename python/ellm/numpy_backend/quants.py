@@ -84,9 +84,9 @@ def _q6_k(b):
     ql, qh = b[:, 0:128], b[:, 128:192]
     halves = []
     for n in range(2):
-        l, h = ql[:, 64 * n:64 * n + 64], qh[:, 32 * n:32 * n + 32]
-        halves += [(l[:, :32] & 0x0F) | ((h & 3) << 4), (l[:, 32:] & 0x0F) | (((h >> 2) & 3) << 4),
-                   (l[:, :32] >> 4) | (((h >> 4) & 3) << 4), (l[:, 32:] >> 4) | (((h >> 6) & 3) << 4)]
+        low, h = ql[:, 64 * n:64 * n + 64], qh[:, 32 * n:32 * n + 32]
+        halves += [(low[:, :32] & 0x0F) | ((h & 3) << 4), (low[:, 32:] & 0x0F) | (((h >> 2) & 3) << 4),
+                   (low[:, :32] >> 4) | (((h >> 4) & 3) << 4), (low[:, 32:] >> 4) | (((h >> 6) & 3) << 4)]
     q = np.concatenate(halves, axis=1).astype(np.float32) - 32
     scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
     return (_half(b, 208) * np.repeat(scales, 16, axis=1)) * q
