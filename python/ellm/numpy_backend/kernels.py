@@ -116,13 +116,16 @@ def quantize(x: np.ndarray, bits: int, min_val: float, max_val: float) -> np.nda
 
 LANES = 8
 BLOCK = 4096
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_GAMMA = np.uint64(GOLDEN_GAMMA)
 
 
 def splitmix_mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele, Lea & Flood, 2014), elementwise on uint64."""
     z = np.asarray(z, dtype=np.uint64)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    with np.errstate(over="ignore"):  # the products wrap modulo 2**64, as the function means
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
 
 

@@ -19,10 +19,9 @@ _MASK64 = (1 << 64) - 1
 
 def call_seed(seed: int, call: int) -> int:
     """The noise seed of a layer's `call`-th noisy forward (SplitMix64 of the pair)."""
-    z = (seed + (call + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+    from ..numpy_backend.kernels import GOLDEN_GAMMA, splitmix_mix
+
+    return int(splitmix_mix((seed + (call + 1) * GOLDEN_GAMMA) & _MASK64))
 
 
 def check_seed(seed) -> int:
