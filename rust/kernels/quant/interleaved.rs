@@ -436,6 +436,8 @@ pub mod x86 {
                     }
                 }
                 for half in 0..if F::SPLIT { 2 } else { 1 } {
+                    let scales: [(__m512, __m512); G] =
+                        std::array::from_fn(|k| F::scales16(block[k], sub[k].add(value_bytes(F::BITS)), half));
                     for c in 0..RX {
                         let row = first + c;
                         let da = _mm512_set1_ps(act.block_scale[row * act.stride / SUB + ab]);
@@ -445,7 +447,7 @@ pub mod x86 {
                             act.block_sums[row * act.stride / SUB + ab]
                         });
                         for k in 0..G {
-                            let (scale, offset) = F::scales16(block[k], sub[k].add(value_bytes(F::BITS)), half);
+                            let (scale, offset) = scales[k];
                             let [h, l] = sums[k][c][half];
                             let ints = _mm512_add_epi32(_mm512_slli_epi32::<LO_SHIFT>(h), l);
                             let a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_mul_ps(scale, da), acc[k][c]);
