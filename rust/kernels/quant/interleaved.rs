@@ -36,6 +36,11 @@ pub trait Interleave: Block {
 
     fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]);
     fn pack_sub_scales(rows: &[&Self; ROWS], sub: usize, out: &mut [u8]);
+    /// Write the value planes of a 32-value block straight from its stored bytes, if the
+    /// format's layout allows (true); otherwise `pack` unpacks the values first.
+    fn pack_values_directly(_rows: &[&Self; ROWS], _sub: &mut [u8]) -> bool {
+        false
+    }
     /// Scale and offset of row r's values in half `half` of sub-block `sub` (w = s * u + o).
     fn scale_offset(head: &[u8], sub_scales: &[u8], r: usize, half: usize) -> (f32, f32);
 }
@@ -71,11 +76,15 @@ fn put_halves(head: &mut [u8], at: usize, values: impl Iterator<Item = [u8; 2]>)
 /// A 32-value format whose offset is a fixed number of steps below zero (`w = d * (q - levels)`):
 /// its head holds d.
 macro_rules! scale_and_levels {
-    ($t:ty, $bits:expr, $levels:expr) => {
+    ($t:ty, $bits:expr, $levels:expr, $direct:expr) => {
         impl Interleave for $t {
             const BITS: u32 = $bits;
             const HEAD: usize = 32;
             const SUB_SCALES: usize = 0;
+            fn pack_values_directly(rows: &[&Self; ROWS], sub: &mut [u8]) -> bool {
+                $direct(rows, sub);
+                true
+            }
             fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
                 put_halves(head, 0, rows.iter().map(|b| b.d));
             }
@@ -87,17 +96,24 @@ macro_rules! scale_and_levels {
         }
     };
 }
-scale_and_levels!(BlockQ4_0, 4, 8.0);
-scale_and_levels!(BlockQ5_0, 5, 16.0);
-scale_and_levels!(BlockQ8_0, 8, 128.0);
+scale_and_levels!(BlockQ4_0, 4, 8.0, |rows: &[&BlockQ4_0; ROWS], sub| nibble_plane(rows.map(|b| &b.qs), sub));
+scale_and_levels!(BlockQ5_0, 5, 16.0, |rows: &[&BlockQ5_0; ROWS], sub: &mut [u8]| {
+    nibble_plane(rows.map(|b| &b.qs), sub);
+    fifth_bit_plane(rows.map(|b| b.qh), sub);
+});
+scale_and_levels!(BlockQ8_0, 8, 128.0, |rows: &[&BlockQ8_0; ROWS], sub| byte_plane(rows.map(|b| &b.qs), sub));
 
 /// A 32-value format with a scale and a min (`w = d * q + m`): its head holds d, then m.
 macro_rules! scale_and_min {
-    ($t:ty, $bits:expr) => {
+    ($t:ty, $bits:expr, $direct:expr) => {
         impl Interleave for $t {
             const BITS: u32 = $bits;
             const HEAD: usize = 64;
             const SUB_SCALES: usize = 0;
+            fn pack_values_directly(rows: &[&Self; ROWS], sub: &mut [u8]) -> bool {
+                $direct(rows, sub);
+                true
+            }
             fn pack_head(rows: &[&Self; ROWS], head: &mut [u8]) {
                 put_halves(head, 0, rows.iter().map(|b| b.d));
                 put_halves(head, 32, rows.iter().map(|b| b.m));
@@ -109,8 +125,44 @@ macro_rules! scale_and_min {
         }
     };
 }
-scale_and_min!(BlockQ4_1, 4);
-scale_and_min!(BlockQ5_1, 5);
+scale_and_min!(BlockQ4_1, 4, |rows: &[&BlockQ4_1; ROWS], sub| nibble_plane(rows.map(|b| &b.qs), sub));
+scale_and_min!(BlockQ5_1, 5, |rows: &[&BlockQ5_1; ROWS], sub: &mut [u8]| {
+    nibble_plane(rows.map(|b| &b.qs), sub);
+    fifth_bit_plane(rows.map(|b| b.qh), sub);
+});
+
+/// The nibble plane of 32-value blocks: their `qs` byte j already holds value j (low nibble)
+/// and value j + 16 (high), as a lane's byte k of vector g wants for j = 4g + k.
+fn nibble_plane(qs: [&[u8; 16]; ROWS], sub: &mut [u8]) {
+    for (r, q) in qs.iter().enumerate() {
+        for g in 0..4 {
+            sub[g * VECTOR + 4 * r..g * VECTOR + 4 * r + 4].copy_from_slice(&q[4 * g..4 * g + 4]);
+        }
+    }
+}
+
+/// The bit plane of Q5_0 / Q5_1: bit e of `qh` is value e's fifth bit; lane byte k, bit j takes
+/// value 4j + k's.
+fn fifth_bit_plane(qh: [[u8; 4]; ROWS], sub: &mut [u8]) {
+    for (r, h) in qh.iter().enumerate() {
+        let bits = u32::from_le_bytes(*h);
+        for k in 0..4 {
+            sub[4 * VECTOR + 4 * r + k] =
+                (0..8).map(|j| (((bits >> (4 * j + k)) & 1) as u8) << j).fold(0, |a, b| a | b);
+        }
+    }
+}
+
+/// The byte plane of Q8_0: values as `q + 128`, vector g lane r holding values 4g..4g + 4.
+fn byte_plane(qs: [&[i8; 32]; ROWS], sub: &mut [u8]) {
+    for (r, q) in qs.iter().enumerate() {
+        for g in 0..8 {
+            for k in 0..4 {
+                sub[g * VECTOR + 4 * r + k] = (q[4 * g + k] as u8) ^ 0x80;
+            }
+        }
+    }
+}
 
 /// Q4_K and Q5_K: d and dmin per row in the head; per sub-block the 6-bit scale and min, one
 /// byte each.
@@ -179,11 +231,14 @@ pub fn pack<F: Interleave>(rows: &[&[F]; ROWS], out: &mut [u8]) {
     let (mut lanes, mut offsets) = ([0.0f32; 64], [0.0f32; 16]);
     for b in 0..rows[0].len() {
         let blocks: [&F; ROWS] = std::array::from_fn(|r| &rows[r][b]);
+        let block = &mut out[b * block_bytes::<F>()..(b + 1) * block_bytes::<F>()];
+        F::pack_head(&blocks, &mut block[..F::HEAD]);
+        if F::ELEMS == SUB && F::pack_values_directly(&blocks, &mut block[F::HEAD..]) {
+            continue;
+        }
         for r in 0..ROWS {
             blocks[r].unpack(&mut u[r][..F::ELEMS], &mut lanes[..F::ELEMS / LANE], &mut offsets[..F::ELEMS / GROUP]);
         }
-        let block = &mut out[b * block_bytes::<F>()..(b + 1) * block_bytes::<F>()];
-        F::pack_head(&blocks, &mut block[..F::HEAD]);
         for j in 0..F::ELEMS / SUB {
             let sub = &mut block[F::HEAD + j * sub_bytes::<F>()..][..sub_bytes::<F>()];
             pack_values(F::BITS, &u, j * SUB, sub);
