@@ -262,6 +262,31 @@ def test_an_unsupported_block_type_names_the_tensor_and_the_type(tmp_path):
         Transformer.from_pretrained(path)
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "F16"])
+def test_a_block_with_an_infinite_scale_is_refused_by_name_unless_allowed(tmp_path, kind):
+    ellm._backend.require_rust()
+    c = config()
+    args = ellm.ModelArgs.from_dict(c)
+    raw = {}
+    for i, (name, (rows, cols)) in enumerate((n, s) for n, s in args.expected_shapes().items() if len(s) == 2):
+        raw[name] = (random_blocks("Q4_0", rows, cols, seed=i), T.Q4_0)
+    target = "model.layers.2.mlp.gate_proj.weight"
+    rows, cols = args.expected_shapes()[target]
+    if kind == "F16":
+        values = np.full((rows, cols), 0.01, np.float16)
+        values[3, 7] = np.inf
+        raw[target] = (values.view(np.uint8), T.F16)
+    else:
+        blocks = random_blocks(kind, rows, cols, seed=99)
+        blocks[5, 0:2] = np.array([np.inf], np.float16).view(np.uint8)  # d of a block of row 5
+        raw[target] = (blocks, T[kind])
+    tensors = {n: np.ones(s, np.float32) for n, s in args.expected_shapes().items() if len(s) == 1}
+    path = convert(c, str(tmp_path / "inf.gguf"), tensors=tensors, raw=raw)
+    with pytest.raises(ModelFormatError, match=r"blk\.2\.ffn_gate\.weight.* NaN or infinite.*allow_non_finite"):
+        load_on("rust", path)
+    assert load_on("rust", path, allow_non_finite=True).weights_loaded
+
+
 def test_an_unknown_type_number_is_a_format_error(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", {"w": np.ones((2, 32), np.float32)})
     raw = bytearray(open(path, "rb").read())

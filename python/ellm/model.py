@@ -268,7 +268,7 @@ class Transformer:
             def put(engine, name: str) -> bool:
                 if len(expected[name]) != 2:
                     return False  # vectors go in as checked float32
-                if ckpt.load_into is not None and ckpt.load_into(engine, name, dtype):
+                if ckpt.load_into is not None and ckpt.load_into(engine, name, dtype, allow_non_finite):
                     return True
                 if dtype in ("q8_0", "q4_0"):
                     engine.set_weight(name, _weight(ckpt.load(name), name, allow_non_finite), dtype)

@@ -52,12 +52,19 @@ impl GgufReader {
 
     /// A tensor as a `Matrix` kept as `keep` says: `[rows, cols]` with cols its first GGUF
     /// dimension and rows all the others.
-    pub fn matrix(&self, entry: &TensorEntry, keep: KeepAs, row_map: Option<Vec<u32>>) -> Result<Matrix> {
+    pub fn matrix(
+        &self,
+        entry: &TensorEntry,
+        keep: KeepAs,
+        row_map: Option<Vec<u32>>,
+        check_finite: bool,
+    ) -> Result<Matrix> {
         let cols = entry.dims[0] as usize;
         let rows = entry.dims[1..].iter().product::<u64>() as usize;
         let bytes = self.file.map().clone();
         let range = entry.start..entry.start + entry.nbytes;
-        let stored = StoredTensor { name: &entry.name, type_name: entry.type_name(), rows, cols, bytes, range };
+        let stored =
+            StoredTensor { name: &entry.name, type_name: entry.type_name(), rows, cols, bytes, range, check_finite };
         let matrix = Matrix::from_stored(stored, keep, row_map)?;
         if !matrix.reads_source() {
             self.file.release(entry);
@@ -107,7 +114,7 @@ impl GgufReader {
     /// One tensor as float32 values, in its shape.
     fn read<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let entry = self.entry(name)?;
-        let values = compute(py, || Ok(self.matrix(entry, KeepAs::F32, None)?.to_f32()))?;
+        let values = compute(py, || Ok(self.matrix(entry, KeepAs::F32, None, false)?.to_f32()))?;
         to_array(py, values, &entry.shape())
     }
 }

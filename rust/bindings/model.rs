@@ -138,7 +138,8 @@ impl LlamaEngine {
             (KeepAs::Quantized(_), &[rows, cols]) => {
                 let bytes: SharedBytes = Arc::new(data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
                 let len = data.len() * 4;
-                let stored = StoredTensor { name, type_name: "F32", rows, cols, bytes, range: 0..len };
+                let stored =
+                    StoredTensor { name, type_name: "F32", rows, cols, bytes, range: 0..len, check_finite: false };
                 model.set_matrix(name, Matrix::from_stored(stored, keep, None)?)
             }
             _ => model.set_weight(name, &shape, data.to_vec()),
@@ -146,7 +147,9 @@ impl LlamaEngine {
     }
 
     /// One matrix from its stored bytes (`type_name` "F16", "BF16", "F32" or a GGML block type),
-    /// kept as `dtype` says ("auto": as stored).
+    /// kept as `dtype` says ("auto": as stored); NaN or infinite values refused unless allowed.
+    #[pyo3(signature = (name, type_name, shape, data, dtype, allow_non_finite=false))]
+    #[allow(clippy::too_many_arguments)]
     fn set_weight_stored(
         &mut self,
         py: Python<'_>,
@@ -155,6 +158,7 @@ impl LlamaEngine {
         shape: (usize, usize),
         data: numpy::PyReadonlyArray1<'_, u8>,
         dtype: &str,
+        allow_non_finite: bool,
     ) -> PyResult<()> {
         let keep = KeepAs::from_name(dtype).map_err(super::to_py_err)?;
         let data = data.as_slice().map_err(|_| PyValueError::new_err("stored bytes must be contiguous"))?;
@@ -162,7 +166,15 @@ impl LlamaEngine {
         let model = &mut self.model;
         compute(py, || {
             let (rows, cols) = shape;
-            let stored = StoredTensor { name, type_name, rows, cols, bytes, range: 0..data.len() };
+            let stored = StoredTensor {
+                name,
+                type_name,
+                rows,
+                cols,
+                bytes,
+                range: 0..data.len(),
+                check_finite: !allow_non_finite,
+            };
             let m = Matrix::from_stored(stored, keep, None)?;
             model.set_matrix(name, m)
         })
@@ -170,8 +182,10 @@ impl LlamaEngine {
 
     /// One tensor of a GGUF file, read in place: `gguf_name` there, `name` here. A matrix is
     /// kept as `dtype` says; `unpermute_heads` > 0 undoes llama.cpp's rotary row order of a Q or
-    /// K projection with that many heads.
-    #[pyo3(signature = (reader, gguf_name, name, dtype="auto", unpermute_heads=0))]
+    /// K projection with that many heads. NaN or infinite values (block scales) are refused,
+    /// naming the tensor, unless allowed.
+    #[pyo3(signature = (reader, gguf_name, name, dtype="auto", unpermute_heads=0, allow_non_finite=false))]
+    #[allow(clippy::too_many_arguments)]
     fn load_gguf(
         &mut self,
         py: Python<'_>,
@@ -180,6 +194,7 @@ impl LlamaEngine {
         name: &str,
         dtype: &str,
         unpermute_heads: usize,
+        allow_non_finite: bool,
     ) -> PyResult<()> {
         let keep = KeepAs::from_name(dtype).map_err(super::to_py_err)?;
         let entry = reader.entry(gguf_name)?;
@@ -188,9 +203,13 @@ impl LlamaEngine {
             let shape = entry.shape();
             let row_map = (unpermute_heads > 0 && shape.len() == 2).then(|| unpermute_map(shape[0], unpermute_heads));
             if shape.len() == 1 {
-                return model.set_weight(name, &shape, reader.matrix(entry, KeepAs::F32, None)?.to_f32());
+                return model.set_weight(
+                    name,
+                    &shape,
+                    reader.matrix(entry, KeepAs::F32, None, !allow_non_finite)?.to_f32(),
+                );
             }
-            model.set_matrix(name, reader.matrix(entry, keep, row_map)?)
+            model.set_matrix(name, reader.matrix(entry, keep, row_map, !allow_non_finite)?)
         })
     }
 

@@ -410,6 +410,7 @@ pub fn fuzz_one(data: &[u8]) -> (bool, usize) {
                 cols,
                 bytes: file.map().clone(),
                 range: entry.start..entry.start + entry.nbytes,
+                check_finite: true,
             };
             if let Ok(m) = Matrix::from_stored(stored, keep, None) {
                 let _ = m.to_f32();

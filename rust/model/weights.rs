@@ -56,6 +56,8 @@ pub struct StoredTensor<'a> {
     pub cols: usize,
     pub bytes: SharedBytes,
     pub range: std::ops::Range<usize>,
+    /// Refuse NaN and infinite values (in quantized blocks: scales), naming the tensor.
+    pub check_finite: bool,
 }
 
 /// A `[rows, cols]` weight used as `x @ W^T`.
@@ -77,11 +79,14 @@ impl Matrix {
     /// A tensor as stored, kept as `keep` says; `row_map` puts the stored rows in the model's
     /// order (logical row i is stored row map[i]).
     pub fn from_stored(stored: StoredTensor<'_>, keep: KeepAs, row_map: Option<Vec<u32>>) -> Result<Matrix> {
-        let StoredTensor { name, type_name, rows, cols, bytes, range } = stored;
+        let StoredTensor { name, type_name, rows, cols, bytes, range, check_finite } = stored;
         if rows == 0 || cols == 0 {
             return Err(EllmError::Format(format!("tensor {name} has no values (shape [{rows}, {cols}])")));
         }
         let raw = &(*bytes).as_ref()[range.clone()];
+        if check_finite {
+            check_finite_values(name, type_name, raw)?;
+        }
         let kind = QuantKind::from_name(type_name);
         let stored = match (type_name, kind) {
             (_, Some(kind)) => {
@@ -208,6 +213,34 @@ impl Matrix {
             })
         });
     }
+}
+
+/// A tensor's stored values (or, in blocks, scales) are all finite; else a ModelFormatError
+/// naming it and how many are not.
+fn check_finite_values(name: &str, type_name: &str, raw: &[u8]) -> Result<()> {
+    let (bad, what) = match (type_name, QuantKind::from_name(type_name)) {
+        (_, Some(kind)) if raw.len().is_multiple_of(kind.block_bytes()) => {
+            (kind.non_finite_blocks(raw), "blocks whose scales are")
+        }
+        ("F32", _) => (
+            raw.chunks_exact(4).filter(|b| !f32::from_le_bytes((*b).try_into().expect("4")).is_finite()).count(),
+            "values",
+        ),
+        ("F16", _) => {
+            (raw.chunks_exact(2).filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 == 0x7C00).count(), "values")
+        }
+        ("BF16", _) => {
+            (raw.chunks_exact(2).filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7F80 == 0x7F80).count(), "values")
+        }
+        _ => (0, ""),
+    };
+    if bad > 0 {
+        return Err(EllmError::Format(format!(
+            "weight {name:?} holds {bad} {what} NaN or infinite (a corrupt file? GGUF and safetensors carry no \
+             checksum); pass allow_non_finite=True to load it anyway"
+        )));
+    }
+    Ok(())
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {

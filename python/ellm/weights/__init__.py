@@ -25,15 +25,16 @@ class TensorInfo:
 @dataclass
 class Checkpoint:
     """A model on disk: its config (None where no config came with it), its tensors' headers,
-    `load(name)`, which reads one tensor as float32, and `load_into(engine, name, dtype)`, which
-    puts one tensor into a Rust engine kept as `dtype` says ("auto": as stored)."""
+    `load(name)`, which reads one tensor as float32, and `load_into(engine, name, dtype,
+    allow_non_finite)`, which puts one tensor into a Rust engine kept as `dtype` says ("auto": as
+    stored) and returns whether it did."""
 
     path: str
     args: ModelArgs | None
     tensors: dict[str, TensorInfo]
     load: Callable[[str], np.ndarray]
     format: str         # "safetensors" or "gguf"
-    load_into: Callable[[Any, str, str], None] | None = None
+    load_into: Callable[[Any, str, str, bool], bool] | None = None
     contents: Any = None  # the opened file, where its reader has more to give (a GGUF's metadata)
 
 

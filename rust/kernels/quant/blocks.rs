@@ -24,6 +24,12 @@ pub trait Block: Copy + Send + Sync + 'static {
     /// `u[ELEMS]`, `scale_lanes[ELEMS / LANE]` (each group's scale once per lane), and
     /// `offset[ELEMS / GROUP]`.
     fn unpack(&self, u: &mut [u8], scale_lanes: &mut [f32], offset: &mut [f32]);
+    /// The block's f16 scale fields (d, and m or dmin where it has one).
+    fn halves(&self) -> [[u8; 2]; 2];
+    /// Every scale field is finite (a NaN or infinite one makes the whole block so).
+    fn finite(&self) -> bool {
+        self.halves().iter().all(|h| u16::from_le_bytes(*h) & 0x7C00 != 0x7C00)
+    }
 }
 
 #[inline(always)]
@@ -136,6 +142,9 @@ const _: () = {
 };
 
 impl Block for BlockQ4_0 {
+    fn halves(&self) -> [[u8; 2]; 2] {
+        [self.d, [0, 0]]
+    }
     const ELEMS: usize = 32;
     const MAX_U: u8 = 15;
     #[inline(always)]
@@ -147,6 +156,9 @@ impl Block for BlockQ4_0 {
 }
 
 impl Block for BlockQ4_1 {
+    fn halves(&self) -> [[u8; 2]; 2] {
+        [self.d, self.m]
+    }
     const ELEMS: usize = 32;
     const MAX_U: u8 = 15;
     #[inline(always)]
@@ -167,6 +179,9 @@ fn five_bits(qs: &[u8; 16], qh: [u8; 4], u: &mut [u8]) {
 }
 
 impl Block for BlockQ5_0 {
+    fn halves(&self) -> [[u8; 2]; 2] {
+        [self.d, [0, 0]]
+    }
     const ELEMS: usize = 32;
     const MAX_U: u8 = 31;
     #[inline(always)]
@@ -178,6 +193,9 @@ impl Block for BlockQ5_0 {
 }
 
 impl Block for BlockQ5_1 {
+    fn halves(&self) -> [[u8; 2]; 2] {
+        [self.d, self.m]
+    }
     const ELEMS: usize = 32;
     const MAX_U: u8 = 31;
     #[inline(always)]
@@ -188,6 +206,9 @@ impl Block for BlockQ5_1 {
 }
 
 impl Block for BlockQ8_0 {
+    fn halves(&self) -> [[u8; 2]; 2] {
+        [self.d, [0, 0]]
+    }
     const ELEMS: usize = 32;
     const MAX_U: u8 = 255;
     #[inline(always)]
@@ -221,6 +242,9 @@ fn k4_groups(d: [u8; 2], dmin: [u8; 2], scales: &[u8; 12], scale_lanes: &mut [f3
 }
 
 impl Block for BlockQ4K {
+    fn halves(&self) -> [[u8; 2]; 2] {
+        [self.d, self.dmin]
+    }
     const ELEMS: usize = 256;
     const MAX_U: u8 = 15;
     #[inline(always)]
@@ -234,6 +258,9 @@ impl Block for BlockQ4K {
 }
 
 impl Block for BlockQ5K {
+    fn halves(&self) -> [[u8; 2]; 2] {
+        [self.d, self.dmin]
+    }
     const ELEMS: usize = 256;
     const MAX_U: u8 = 31;
     #[inline(always)]
@@ -252,6 +279,9 @@ impl Block for BlockQ5K {
 }
 
 impl Block for BlockQ6K {
+    fn halves(&self) -> [[u8; 2]; 2] {
+        [self.d, [0, 0]]
+    }
     const ELEMS: usize = 256;
     const MAX_U: u8 = 63;
     #[inline(always)]

@@ -138,6 +138,11 @@ impl QuantKind {
         with_kind!(self, B => (B::ELEMS, std::mem::size_of::<B>(), B::MAX_U))
     }
 
+    /// How many blocks of `bytes` (whole blocks) have a NaN or infinite scale.
+    pub fn non_finite_blocks(self, bytes: &[u8]) -> usize {
+        with_kind!(self, B => as_blocks::<B>(bytes).iter().filter(|b| !b.finite()).count())
+    }
+
     /// Unpack one row's blocks (`bytes`, whole blocks) into `row` (see `blocks`).
     pub fn unpack_row(self, bytes: &[u8], row: &mut UnpackedRow) {
         with_kind!(self, B => unpack_blocks::<B>(bytes, row))
