@@ -88,21 +88,25 @@ def config(hidden=256, inter=512, layers=3, vocab=512):
     return c
 
 
-def block_model(tmp_path, kinds=KINDS):
+def shapes():
+    return ellm.ModelArgs.from_dict(config()).expected_shapes()
+
+
+def block_model(tmp_path, kinds=KINDS, replace=None):
     """A small Llama whose every matrix is random blocks, the types taken in turn from `kinds`
-    (so each type sits in q/k/v, o, gate/up, down or the head somewhere), norms near 1."""
-    c = config()
-    args = ellm.ModelArgs.from_dict(c)
+    (so each type sits in q/k/v, o, gate/up, down or the head somewhere), norms near 1;
+    `replace` gives some matrices as other stored bytes ({name: (bytes, type)})."""
     raw, tensors = {}, {}
-    matrices = [(n, s) for n, s in args.expected_shapes().items() if len(s) == 2]
+    matrices = [(n, s) for n, s in shapes().items() if len(s) == 2]
     for i, (name, (rows, cols)) in enumerate(matrices):
         kind = kinds[i % len(kinds)]
         raw[name] = (random_blocks(kind, rows, cols, seed=i), T[kind])
+    raw.update(replace or {})
     rng = np.random.default_rng(5)
-    for name, shape in args.expected_shapes().items():
+    for name, shape in shapes().items():
         if len(shape) == 1:
             tensors[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
-    return convert(c, str(tmp_path / "blocks.gguf"), tensors=tensors, raw=raw)
+    return convert(config(), str(tmp_path / "blocks.gguf"), tensors=tensors, raw=raw)
 
 
 PROMPT = [[3, 17, 200, 45, 9, 311, 77, 8, 150, 42, 5, 260]]
@@ -249,15 +253,9 @@ def test_a_half_precision_folder_is_kept_as_stored(tmp_path, half):
 
 def test_an_unsupported_block_type_names_the_tensor_and_the_type(tmp_path):
     ellm._backend.require_rust()
-    c = config()
-    args = ellm.ModelArgs.from_dict(c)
-    raw = {}
-    for i, (name, (rows, cols)) in enumerate((n, s) for n, s in args.expected_shapes().items() if len(s) == 2):
-        raw[name] = (random_blocks("Q4_0", rows, cols, seed=i), T.Q4_0)
-    rows, cols = args.expected_shapes()["model.layers.1.mlp.up_proj.weight"]
-    raw["model.layers.1.mlp.up_proj.weight"] = (np.zeros((rows, cols // 256 * 84), np.uint8), T.Q2_K)
-    tensors = {n: np.ones(s, np.float32) for n, s in args.expected_shapes().items() if len(s) == 1}
-    path = convert(c, str(tmp_path / "q2k.gguf"), tensors=tensors, raw=raw)
+    target = "model.layers.1.mlp.up_proj.weight"
+    rows, cols = shapes()[target]
+    path = block_model(tmp_path, ["Q4_0"], {target: (np.zeros((rows, cols // 256 * 84), np.uint8), T.Q2_K)})
     with pytest.raises(ModelFormatError, match=r"blk\.1\.ffn_up\.weight has type Q2_K, which ellm does not support"):
         Transformer.from_pretrained(path)
 
@@ -265,23 +263,17 @@ def test_an_unsupported_block_type_names_the_tensor_and_the_type(tmp_path):
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "F16"])
 def test_a_block_with_an_infinite_scale_is_refused_by_name_unless_allowed(tmp_path, kind):
     ellm._backend.require_rust()
-    c = config()
-    args = ellm.ModelArgs.from_dict(c)
-    raw = {}
-    for i, (name, (rows, cols)) in enumerate((n, s) for n, s in args.expected_shapes().items() if len(s) == 2):
-        raw[name] = (random_blocks("Q4_0", rows, cols, seed=i), T.Q4_0)
     target = "model.layers.2.mlp.gate_proj.weight"
-    rows, cols = args.expected_shapes()[target]
+    rows, cols = shapes()[target]
     if kind == "F16":
         values = np.full((rows, cols), 0.01, np.float16)
         values[3, 7] = np.inf
-        raw[target] = (values.view(np.uint8), T.F16)
+        stored = (values.view(np.uint8), T.F16)
     else:
         blocks = random_blocks(kind, rows, cols, seed=99)
         blocks[5, 0:2] = np.array([np.inf], np.float16).view(np.uint8)  # d of a block of row 5
-        raw[target] = (blocks, T[kind])
-    tensors = {n: np.ones(s, np.float32) for n, s in args.expected_shapes().items() if len(s) == 1}
-    path = convert(c, str(tmp_path / "inf.gguf"), tensors=tensors, raw=raw)
+        stored = (blocks, T[kind])
+    path = block_model(tmp_path, ["Q4_0"], {target: stored})
     with pytest.raises(ModelFormatError, match=r"blk\.2\.ffn_gate\.weight.* NaN or infinite.*allow_non_finite"):
         load_on("rust", path)
     assert load_on("rust", path, allow_non_finite=True).weights_loaded
