@@ -6,13 +6,13 @@ use std::sync::Arc;
 use numpy::PyArrayDyn;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyList;
 
 use super::{compute, to_array};
 use crate::error::Result;
 use crate::formats::gguf::{Array, GgufFile, TensorEntry, Value};
 use crate::kernels::quant::dot::{self, DotPath};
-use crate::model::weights::{KeepAs, Matrix, StoredTensor};
+use crate::model::weights::{KeepAs, Matrix};
 
 #[pyclass(module = "ellm._lowlevel", frozen)]
 pub struct GgufReader {
@@ -59,12 +59,7 @@ impl GgufReader {
         row_map: Option<Vec<u32>>,
         check_finite: bool,
     ) -> Result<Matrix> {
-        let cols = entry.dims[0] as usize;
-        let rows = entry.dims[1..].iter().product::<u64>() as usize;
-        let bytes = self.file.map().clone();
-        let range = entry.start..entry.start + entry.nbytes;
-        let stored =
-            StoredTensor { name: &entry.name, type_name: entry.type_name(), rows, cols, bytes, range, check_finite };
+        let stored = self.file.stored(entry, check_finite);
         let matrix = Matrix::from_stored(stored, keep, row_map)?;
         if !matrix.reads_source() {
             self.file.release(entry);
@@ -85,15 +80,6 @@ impl GgufReader {
     #[getter]
     fn path(&self) -> &str {
         &self.file.path
-    }
-
-    /// Every key/value, in file order; arrays as lists.
-    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        for (k, v) in &self.file.metadata {
-            d.set_item(k, value_to_py(py, v)?)?;
-        }
-        Ok(d)
     }
 
     /// The metadata keys, in file order.

@@ -383,6 +383,20 @@ impl GgufFile {
         }
     }
 
+    /// A tensor as the engine takes it: `[rows, cols]` with cols its first GGUF dimension and
+    /// rows all the others, its bytes in place in the mapping.
+    pub fn stored<'a>(&self, t: &'a TensorEntry, check_finite: bool) -> crate::model::weights::StoredTensor<'a> {
+        crate::model::weights::StoredTensor {
+            name: &t.name,
+            type_name: t.type_name(),
+            rows: t.dims[1..].iter().product::<u64>() as usize,
+            cols: t.dims[0] as usize,
+            bytes: self.map.clone(),
+            range: t.start..t.start + t.nbytes,
+            check_finite,
+        }
+    }
+
     pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
         &(*self.map).as_ref()[t.start..t.start + t.nbytes]
     }
@@ -393,26 +407,15 @@ impl GgufFile {
 /// fast). Any outcome but a panic, a hang or a huge allocation is fine. Returns whether the
 /// file parsed and how many matrices were made (how deep the input got).
 pub fn fuzz_one(data: &[u8]) -> (bool, usize) {
-    use crate::model::weights::{KeepAs, Matrix, StoredTensor};
+    use crate::model::weights::{KeepAs, Matrix};
     let Ok(file) = GgufFile::parse("fuzz.gguf", Arc::new(data.to_vec())) else { return (false, 0) };
     let mut made = 0;
     for entry in &file.tensors {
-        let cols = entry.dims[0] as usize;
-        let rows = entry.dims[1..].iter().product::<u64>() as usize;
-        if rows.saturating_mul(cols) > 1 << 16 {
+        if entry.dims.iter().product::<u64>() > 1 << 16 {
             continue;
         }
         for keep in [KeepAs::Stored, KeepAs::F32] {
-            let stored = StoredTensor {
-                name: &entry.name,
-                type_name: entry.type_name(),
-                rows,
-                cols,
-                bytes: file.map().clone(),
-                range: entry.start..entry.start + entry.nbytes,
-                check_finite: true,
-            };
-            if let Ok(m) = Matrix::from_stored(stored, keep, None) {
+            if let Ok(m) = Matrix::from_stored(file.stored(entry, true), keep, None) {
                 let _ = m.to_f32();
                 made += 1;
             }
