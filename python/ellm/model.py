@@ -74,6 +74,16 @@ def as_token_array(sequences: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def _index_array(values: Any, name: str) -> np.ndarray:
+    """A 1-d int64 array of ids, slots or positions, refusing floats and negatives."""
+    arr = np.asarray(values)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must be a 1-d sequence of ints, got {arr.dtype} of shape {arr.shape}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} must be >= 0, got {int(arr.min())}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
 def _prompt_ids(prompt: Any) -> list[int]:
     """A prompt's token ids, refusing what `forward` refuses (floats, bools, strings)."""
     ids = list(prompt)
@@ -125,6 +135,8 @@ class Transformer:
         self._lock = threading.Lock()
         self._owner: int | None = None        # thread holding the model
         self._hook_thread: int | None = None  # thread running one of its hooks
+        self._allocated: set[int] = set()      # KV slots claimed with allocate_slot
+        self._cache_epoch = 0
 
     @property
     def config(self) -> ModelArgs:
@@ -338,14 +350,110 @@ class Transformer:
         hook, names = self._hook_args()
         return self._engine.forward(tokens, int(start_pos), all_logits, hook, names)
 
+    def _step_rows(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        """One ragged engine call; the caller holds the model."""
+        hook, names = self._hook_args()
+        return self._engine.step(tokens, slots, positions, wanted, hook, names)
+
     def forward(self, sequences: Any, start_pos: int = 0) -> np.ndarray:
         """Logits `[batch, seq, vocab]` (float32) of every position; sequence b's tokens sit at
         positions start_pos.. and the KV cache keeps them for later calls."""
         tokens = as_token_array(sequences)
         with self._exclusive():
+            self._claim_rows(len(tokens))
             return self._step(tokens, start_pos, all_logits=True)
 
     __call__ = forward
+
+    # ----- KV slots and ragged steps (the serving engine's interface) -----
+
+    @property
+    def num_slots(self) -> int:
+        """KV slots: one sequence each (max_batch_size of them)."""
+        return self.model_args.max_batch_size
+
+    def step(self, tokens: Any, slots: Any, positions: Any, logits: Any | None = None) -> np.ndarray:
+        """One ragged step, llama.cpp's `llama_batch`: row r is token `tokens[r]` of the sequence in KV
+        slot `slots[r]` at position `positions[r]`. Decode tokens of some slots and prompt chunks of
+        others go through the weights together. A slot's rows are adjacent, at consecutive positions
+        starting at or before `slot_length(slot)` (a step may rewrite a slot's tail). Returns the
+        logits `[rows where logits[r], vocab]` (default: every row)."""
+        tokens = _index_array(tokens, "tokens")
+        n = len(tokens)
+        arrays = [_index_array(slots, "slots"), _index_array(positions, "positions")]
+        wanted = np.ones(n, bool) if logits is None else np.asarray(logits, dtype=bool).reshape(-1)
+        if any(len(a) != n for a in arrays) or len(wanted) != n or n == 0:
+            raise ValueError(f"step needs one slot, position and logits flag per token, and at least one token: got "
+                             f"{n} tokens, {len(arrays[0])} slots, {len(arrays[1])} positions, {len(wanted)} flags")
+        if not self.weights_loaded:
+            raise ValueError("the model has no weights: call load_state_dict or use Transformer.from_pretrained")
+        hook, names = self._hook_args()
+        with self._exclusive():
+            return self._engine.step(tokens, arrays[0], arrays[1], wanted, hook, names)
+
+    def slot_length(self, slot: int) -> int:
+        """How many positions KV slot `slot` holds."""
+        self._check_slot(slot)
+        return int(self._engine.slot_lengths()[slot])
+
+    def allocate_slot(self, slot: int | None = None) -> int:
+        """Claim a KV slot for a sequence driven by `step`: `slot` if given, else the first free one.
+        Its cached positions stay (truncate or clear it as needed). ValueError when it is taken or
+        none is free. `forward` and `generate` use slots 0..batch-1 and refuse to run over a claimed one."""
+        with self._lock:
+            free = [s for s in range(self.num_slots) if s not in self._allocated]
+            if slot is not None:
+                self._check_slot(slot)
+                if slot not in free:
+                    raise ValueError(f"KV slot {slot} is already allocated")
+                free = [int(slot)]
+            if not free:
+                raise ValueError(f"all {self.num_slots} KV slots are in use (max_batch_size)")
+            self._allocated.add(free[0])
+            return free[0]
+
+    def free_slot(self, slot: int) -> None:
+        """Give a slot back (its cached positions stay until it is cleared or reused)."""
+        self._check_slot(slot)
+        self._allocated.discard(slot)
+
+    @property
+    def cache_epoch(self) -> int:
+        """Counts the calls (`forward`, `generate`, `reset_cache`) that wrote slots outside `step`,
+        so a slot's owner can tell its cached positions may have changed."""
+        return self._cache_epoch
+
+    def _claim_rows(self, batch: int) -> None:
+        """forward and generate write slots 0..batch-1: refuse where `step` users hold one."""
+        taken = sorted(s for s in self._allocated if s < batch)
+        if taken:
+            raise ModelBusyError(f"KV slots {taken} are allocated to step users (a serving engine?); forward and "
+                                 f"generate write slots 0..{batch - 1}: use a smaller batch or another model")
+        self._cache_epoch += 1
+
+    def clear_slot(self, slot: int) -> None:
+        """Empty a slot."""
+        self.truncate_slot(slot, 0)
+
+    def truncate_slot(self, slot: int, n: int) -> None:
+        """Keep the first n positions of a slot (a prompt's shared prefix reused by the next request)."""
+        self._check_slot(slot)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        with self._exclusive():
+            self._engine.truncate_slot(int(slot), int(n))
+
+    def copy_slot(self, src: int, dst: int, n: int | None = None) -> None:
+        """Make slot dst hold the first n positions of slot src (all of them by default)."""
+        self._check_slot(src)
+        self._check_slot(dst)
+        with self._exclusive():
+            held = int(self._engine.slot_lengths()[src])
+            self._engine.copy_slot(int(src), int(dst), held if n is None else int(n))
+
+    def _check_slot(self, slot: Any) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot must be an int in 0..{self.num_slots - 1}, got {slot!r}")
 
     def weight_types(self) -> dict[str, str]:
         """How each weight matrix is stored: name -> "F32", "F16", "BF16", "Q4_1", ...
@@ -355,12 +463,15 @@ class Transformer:
         return {n: "F32" for n, s in self.model_args.expected_shapes().items() if len(s) == 2}
 
     def reset_cache(self) -> None:
+        """Empty every KV slot."""
         with self._exclusive():
+            self._cache_epoch += 1
             self._engine.reset_cache()
 
-    def _non_finite_report(self, tokens: np.ndarray, start_pos: int) -> str:
-        """Runs the failed step again with every layer's output watched, to name where the
-        values first stopped being finite (the step rewrites the same cache positions)."""
+    def _non_finite_report(self, rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> str:
+        """Runs the failed step (tokens, slots, positions, logits flags) again with every layer's
+        output watched, to name where the values first stopped being finite (the step rewrites the
+        same cache positions)."""
         first: list[str] = []
 
         def watch(point: str, tensor: np.ndarray, layer: int) -> None:
@@ -368,9 +479,10 @@ class Transformer:
                 first.append(point)
 
         names = {p for p in self.hook_points() if p == "embed_tokens" or p.endswith("_output") or p == "final_norm"}
-        self._engine.forward(tokens, int(start_pos), False, watch, names)
+        self._engine.step(*rows, watch, names)
         where = f"first at {first[0]}" if first else "only in the output head"
-        return (f"the model produced NaN or infinite logits at positions {start_pos}..{start_pos + tokens.shape[1] - 1} "
+        positions = rows[2]
+        return (f"the model produced NaN or infinite logits at positions {int(positions.min())}..{int(positions.max())} "
                 f"({where}); its weights or inputs hold non-finite or overflowing values")
 
     def generate(
@@ -411,7 +523,7 @@ class Transformer:
         repetition_penalty: float = 1.0,
     ) -> Generator[np.ndarray, None, tuple[list[list[int]], list[list[float]] | None]]:
         """`generate` one step at a time: yields the ids chosen at each step (-1 for a sequence
-        still reading its prompt) and returns what `generate` returns. Streaming uses it."""
+        that has finished) and returns what `generate` returns. Streaming uses it."""
         with self._exclusive():
             return (yield from self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs,
                                                     echo, seed, stop_tokens, repetition_penalty))
@@ -428,70 +540,83 @@ class Transformer:
             raise TypeError(f"max_gen_len must be an int or None, got {max_gen_len!r}")
         if len(prompts) > a.max_batch_size:
             raise ValueError(f"{len(prompts)} prompts exceed max_batch_size {a.max_batch_size}")
+        self._claim_rows(len(prompts))
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
         if repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-        min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
+        max_len = max(map(len, prompts))
         if max_len > a.max_seq_len or (max_len == a.max_seq_len and max_gen_len > 0):
             raise ValueError(f"a prompt of {max_len} tokens with max_seq_len {a.max_seq_len} leaves no room to "
                              "generate")
         bad = [t for p in prompts for t in p if not 0 <= t < a.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range for vocab_size {a.vocab_size}")
-        total_len = min(a.max_seq_len, max_gen_len + max_len)
-        pad = 0
-        tokens = np.full((len(prompts), total_len), pad, dtype=np.int64)
-        in_prompt = np.zeros_like(tokens, dtype=bool)
+        n = len(prompts)
+        lengths = np.array([len(p) for p in prompts])
+        limits = np.minimum(a.max_seq_len, lengths + max_gen_len)  # each sequence's last length
+        tokens = np.zeros((n, int(limits.max())), dtype=np.int64)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = p
-            in_prompt[b, :len(p)] = True
         token_logprobs = np.zeros(tokens.shape, dtype=np.float64)
         stops = set(a.eos_token_id or []) | set(stop_tokens or [])
         stop_array = np.array(sorted(stops), dtype=np.int64)
-        done = np.zeros(len(prompts), dtype=bool)
+        done = lengths >= limits
         rng = np.random.default_rng(seed)
-        self.last_timings = {"prompt_tokens": min_len * len(prompts), "prompt_seconds": 0.0,
-                             "generated_tokens": 1, "generate_seconds": 0.0}
+        self.last_timings = {"prompt_tokens": int(lengths.sum()), "prompt_seconds": 0.0,
+                             "generated_tokens": 0, "generate_seconds": 0.0}
         started = time.perf_counter()
 
-        prev = 0
-        for cur in range(min_len, total_len):
-            chunk = tokens[:, prev:cur]
-            if logprobs:
-                all_logits = self._step(chunk, prev, all_logits=True)  # [batch, n, vocab]
-                lp = log_softmax(all_logits)
-                targets = tokens[:, prev + 1:cur + 1]
-                n = targets.shape[1]
-                token_logprobs[:, prev + 1:cur + 1] = np.take_along_axis(lp[:, :n], targets[..., None], -1)[..., 0]
-                logits = all_logits[:, -1]
-            else:
-                logits = self._step(chunk, prev, all_logits=False)
+        # First every prompt at its own length in one ragged step, then one token per sequence per step.
+        if done.all() and not logprobs:
+            return [list(p) if echo else [] for p in prompts], None
+        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
+        slots = np.repeat(np.arange(n), lengths)
+        positions = np.concatenate([np.arange(len(p)) for p in prompts])
+        last_rows = np.cumsum(lengths) - 1
+        wanted = np.ones(len(ids), bool) if logprobs else np.isin(np.arange(len(ids)), last_rows)
+        cur = lengths.copy()  # the position each sequence's next token goes to
+        live = np.arange(n)
+        while True:
+            rows = (ids, slots, positions, wanted)
+            logits = self._step_rows(*rows)
+            if logprobs and len(ids) > len(live):  # the prompt step: score every prompt token
+                lp = log_softmax(logits)
+                for b, p in enumerate(prompts):
+                    first = last_rows[b] - len(p) + 1
+                    token_logprobs[b, 1:len(p)] = lp[first:last_rows[b], :][np.arange(len(p) - 1), p[1:]]
+                logits = logits[last_rows]
+            if done.all():  # max_gen_len 0: the prompt step was for its logprobs only
+                break
             if not np.isfinite(logits).all():
-                raise FloatingPointError(self._non_finite_report(chunk, prev))
+                raise FloatingPointError(self._non_finite_report(rows))
             if repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, [tokens[b, :cur] for b in range(len(prompts))], repetition_penalty)
+                logits = apply_repetition_penalty(logits, [tokens[b, :cur[b]] for b in live], repetition_penalty)
             chosen = sample(logits, temperature, top_p, top_k, rng)
-            chosen = np.where(in_prompt[:, cur], tokens[:, cur], chosen)
-            tokens[:, cur] = chosen
+            tokens[live, cur[live]] = chosen
             if logprobs:
-                token_logprobs[:, cur] = log_softmax(logits)[np.arange(len(prompts)), chosen]
-            done |= ~in_prompt[:, cur] & np.isin(chosen, stop_array)
-            if cur == min_len:
+                token_logprobs[live, cur[live]] = log_softmax(logits)[np.arange(len(live)), chosen]
+            cur[live] += 1
+            done[live] |= np.isin(chosen, stop_array) | (cur[live] >= limits[live])
+            if self.last_timings["prompt_seconds"] == 0.0:
                 self.last_timings["prompt_seconds"] = time.perf_counter() - started
                 started = time.perf_counter()
             else:
-                self.last_timings["generated_tokens"] += 1
                 self.last_timings["generate_seconds"] = time.perf_counter() - started
-            yield np.where(in_prompt[:, cur], -1, chosen)
-            prev = cur
-            if done.all():
+            self.last_timings["generated_tokens"] += 1
+            out = np.full(n, -1, dtype=np.int64)
+            out[live] = chosen
+            yield out
+            live = np.flatnonzero(~done)
+            if live.size == 0:
                 break
+            ids, slots, positions = tokens[live, cur[live] - 1], live, cur[live] - 1
+            wanted = np.ones(len(live), bool)
 
         out_tokens, out_logprobs = [], []
         for b, p in enumerate(prompts):
             start = 0 if echo else len(p)
-            toks = tokens[b, start:min(len(p) + max_gen_len, prev + 1)].tolist()
+            toks = tokens[b, start:cur[b]].tolist()
             probs = token_logprobs[b, start:start + len(toks)].tolist()
             gen_from = len(p) - start
             for i in range(gen_from, len(toks)):

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
-use numpy::{PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArrayDyn, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -19,7 +19,7 @@ use crate::kernels::pool;
 use crate::kernels::quant::matrix::SharedBytes;
 use crate::kernels::rope::RopeScaling;
 use crate::model::weights::{unpermute_map, KeepAs, Matrix, StoredTensor};
-use crate::model::{Hooks, Llama, LlamaConfig, LogitsWanted};
+use crate::model::{Batch, Hooks, Llama, LlamaConfig, LogitsWanted};
 
 #[pyclass(module = "ellm._lowlevel")]
 struct LlamaEngine {
@@ -246,56 +246,137 @@ impl LlamaEngine {
         let shape = tokens.shape().to_vec();
         let (batch, seq) = (shape[0], shape[1]);
         let vocab = self.model.config.vocab_size;
-        let ids: Vec<u32> = tokens
-            .as_array()
-            .iter()
-            .map(|&t| if (0..vocab as i64).contains(&t) { Ok(t as u32) } else { Err(t) })
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|t| PyValueError::new_err(format!("token id {t} is out of range for vocab_size {vocab}")))?;
-        let (callback, enabled) = match (hook, hook_names) {
-            (Some(callback), Some(enabled)) if !enabled.is_empty() => (Some(callback), enabled),
-            _ => (None, HashSet::new()),
-        };
-        let cancel = AtomicBool::new(false);
-        let mut hooks = PyHooks { callback, enabled, error: None, cancel: &cancel };
+        let ids = token_ids(tokens.as_array().iter().copied(), vocab)?;
         let wanted = if all_logits { LogitsWanted::All } else { LogitsWanted::Last };
-        let model = &mut self.model;
-        let mut signal: Option<PyErr> = None;
-        // The step runs on a pool thread, so its many short parallel regions are joined inside
-        // the pool instead of each one waking the pool from outside; meanwhile this thread
-        // watches for Ctrl-C.
-        let result = py.detach(|| {
-            let (done, finished) = mpsc::channel();
-            pool::pool().in_place_scope(|scope| {
-                let hooks = &mut hooks;
-                scope.spawn(move |_| {
-                    let outcome = guarded(|| model.forward(&ids, batch, seq, start_pos, wanted, Some(hooks)));
-                    let _ = done.send(outcome);
-                });
-                loop {
-                    match finished.recv_timeout(SIGNAL_CHECK_INTERVAL) {
-                        Ok(outcome) => return outcome,
-                        Err(RecvTimeoutError::Timeout) if signal.is_none() => {
-                            if let Err(e) = Python::attach(|py| py.check_signals()) {
-                                signal = Some(e);
-                                cancel.store(true, Ordering::Relaxed);
-                            }
-                        }
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => {
-                            return Err(PyRuntimeError::new_err("internal error: the engine step ended unheard"));
-                        }
-                    }
-                }
-            })
-        });
-        if let Some(err) = signal.or(hooks.error) {
-            return Err(err);
-        }
-        let logits = result?;
+        let logits = run_on_pool(py, &mut self.model, hook, hook_names, |model, hooks| {
+            model.forward(&ids, batch, seq, start_pos, wanted, Some(hooks))
+        })?;
         let out_shape = if all_logits { vec![batch, seq, vocab] } else { vec![batch, vocab] };
         to_array(py, logits, &out_shape)
     }
+
+    /// One ragged step: row r is `tokens[r]` of KV slot `slots[r]` at `positions[r]`; returns the
+    /// logits `[rows where logits, vocab]`. A slot's rows are adjacent, at consecutive positions
+    /// starting at or before the slot's length.
+    #[pyo3(signature = (tokens, slots, positions, logits, hook=None, hook_names=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn step<'py>(
+        &mut self,
+        py: Python<'py>,
+        tokens: PyReadonlyArray1<'py, i64>,
+        slots: PyReadonlyArray1<'py, i64>,
+        positions: PyReadonlyArray1<'py, i64>,
+        logits: PyReadonlyArray1<'py, bool>,
+        hook: Option<Py<PyAny>>,
+        hook_names: Option<HashSet<String>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let vocab = self.model.config.vocab_size;
+        let ids = token_ids(tokens.as_array().iter().copied(), vocab)?;
+        let index = |name: &str, a: &PyReadonlyArray1<'py, i64>| -> PyResult<Vec<usize>> {
+            a.as_array()
+                .iter()
+                .map(|&v| usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {v}"))))
+                .collect()
+        };
+        let (slots, positions) = (index("slots", &slots)?, index("positions", &positions)?);
+        let wanted: Vec<bool> = logits.as_array().iter().copied().collect();
+        let n_wanted = wanted.iter().filter(|&&w| w).count();
+        let out = run_on_pool(py, &mut self.model, hook, hook_names, |model, hooks| {
+            let batch = Batch { tokens: &ids, slots: &slots, positions: &positions, logits: &wanted };
+            model.step(&batch, Some(hooks))
+        })?;
+        to_array(py, out, &[n_wanted, vocab])
+    }
+
+    /// Number of KV slots (max_batch_size).
+    fn num_slots(&self) -> usize {
+        self.model.cache().slots()
+    }
+
+    /// Positions each slot holds.
+    fn slot_lengths(&self) -> Vec<usize> {
+        (0..self.model.cache().slots()).map(|s| self.model.cache().len(s)).collect()
+    }
+
+    /// Keep the first `n` positions of `slot`.
+    fn truncate_slot(&mut self, slot: usize, n: usize) -> PyResult<()> {
+        self.check_slot(slot)?;
+        self.model.cache_mut().truncate(slot, n);
+        Ok(())
+    }
+
+    /// Make `dst` hold the first `n` positions of `src`.
+    fn copy_slot(&mut self, src: usize, dst: usize, n: usize) -> PyResult<()> {
+        self.check_slot(src)?;
+        self.check_slot(dst)?;
+        guarded(|| self.model.cache_mut().copy(src, dst, n))
+    }
+}
+
+impl LlamaEngine {
+    fn check_slot(&self, slot: usize) -> PyResult<()> {
+        let n = self.model.cache().slots();
+        if slot < n {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(format!("slot {slot} does not exist: the cache has {n} slots")))
+        }
+    }
+}
+
+fn token_ids(tokens: impl Iterator<Item = i64>, vocab: usize) -> PyResult<Vec<u32>> {
+    tokens
+        .map(|t| if (0..vocab as i64).contains(&t) { Ok(t as u32) } else { Err(t) })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|t| PyValueError::new_err(format!("token id {t} is out of range for vocab_size {vocab}")))
+}
+
+/// Run one engine step on a pool thread with the GIL released, so its many short parallel regions
+/// are joined inside the pool instead of each one waking the pool from outside; meanwhile this
+/// thread watches for Ctrl-C, which stops the step between layers (the step is then undone).
+fn run_on_pool(
+    py: Python<'_>,
+    model: &mut Llama,
+    hook: Option<Py<PyAny>>,
+    hook_names: Option<HashSet<String>>,
+    step: impl FnOnce(&mut Llama, &mut PyHooks) -> Result<Vec<f32>> + Send,
+) -> PyResult<Vec<f32>> {
+    let (callback, enabled) = match (hook, hook_names) {
+        (Some(callback), Some(enabled)) if !enabled.is_empty() => (Some(callback), enabled),
+        _ => (None, HashSet::new()),
+    };
+    let cancel = AtomicBool::new(false);
+    let mut hooks = PyHooks { callback, enabled, error: None, cancel: &cancel };
+    let mut signal: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let (done, finished) = mpsc::channel();
+        pool::pool().in_place_scope(|scope| {
+            let hooks = &mut hooks;
+            scope.spawn(move |_| {
+                let outcome = guarded(|| step(model, hooks));
+                let _ = done.send(outcome);
+            });
+            loop {
+                match finished.recv_timeout(SIGNAL_CHECK_INTERVAL) {
+                    Ok(outcome) => return outcome,
+                    Err(RecvTimeoutError::Timeout) if signal.is_none() => {
+                        if let Err(e) = Python::attach(|py| py.check_signals()) {
+                            signal = Some(e);
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(PyRuntimeError::new_err("internal error: the engine step ended unheard"));
+                    }
+                }
+            }
+        })
+    });
+    if let Some(err) = signal.or(hooks.error) {
+        return Err(err);
+    }
+    result
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

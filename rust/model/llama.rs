@@ -6,11 +6,14 @@
 //! the output projection (Qwen2), a per-head RMSNorm of q and k before rope (Qwen3), and a
 //! sliding attention window per layer (Mistral, Qwen2).
 //!
-//! Activations are row-major `[batch * seq, features]`. Named hook points let a caller look at
-//! the intermediate tensors; with no hooks nothing is formatted or copied.
+//! A step takes a ragged batch, llama.cpp's `llama_batch` shape: rows of (token, KV slot,
+//! position), so decode tokens of some sequences and prompt chunks of others share one pass over
+//! the weights. Activations are row-major `[rows, features]`; only attention looks at which slot
+//! a row belongs to. Named hook points let a caller look at the intermediate tensors; with no
+//! hooks nothing is formatted or copied.
 
 use super::config::LlamaConfig;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, Span};
 use super::weights::{linear_group, Matrix, Weights};
 use crate::error::{EllmError, Result};
 use crate::kernels::{activation, attention, norm, rope};
@@ -33,6 +36,29 @@ pub enum LogitsWanted {
     Last,
 }
 
+/// One step's rows: row r is `tokens[r]` of sequence `slots[r]` at position `positions[r]`, and
+/// its logits are returned where `logits[r]`. A slot's rows are adjacent, at consecutive
+/// positions, starting at or before the slot's length (a step may rewrite a slot's tail).
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    pub slots: &'a [usize],
+    pub positions: &'a [usize],
+    pub logits: &'a [bool],
+}
+
+/// A slot's rows in a batch: rows `rows`, at positions `start..start + rows.len()`.
+struct Run {
+    slot: usize,
+    rows: std::ops::Range<usize>,
+    start: usize,
+}
+
+impl Run {
+    fn span(&self) -> Span {
+        Span { slot: self.slot, start: self.start, end: self.start + self.rows.len() }
+    }
+}
+
 pub struct Llama {
     pub config: LlamaConfig,
     pub weights: Weights,
@@ -47,16 +73,22 @@ pub struct Llama {
 /// Calls a hook point when someone listens.
 struct Tap<'h, 'a> {
     hooks: Option<&'h mut (dyn Hooks + 'a)>,
-    batch: usize,
-    seq: usize,
+    /// The leading shape of every tensor: `[batch, seq]` for `forward`, `[1, rows]` for a step.
+    lead: [usize; 2],
+    /// The same for the logits, of the rows asked for.
+    logits_lead: [usize; 2],
 }
 
 impl Tap<'_, '_> {
     /// `inner` is the shape of one token's tensor.
     fn emit(&mut self, layer: i32, point: &str, data: &[f32], inner: &[usize]) -> Result<()> {
+        self.emit_shaped(self.lead, layer, point, data, inner)
+    }
+
+    fn emit_shaped(&mut self, lead: [usize; 2], layer: i32, point: &str, data: &[f32], inner: &[usize]) -> Result<()> {
         if let Some(h) = self.hooks.as_deref_mut() {
             if h.wants(layer, point) {
-                let mut shape = vec![self.batch, self.seq];
+                let mut shape = lead.to_vec();
                 shape.extend_from_slice(inner);
                 h.fire(layer, point, data, &shape)?;
             }
@@ -127,6 +159,14 @@ impl Llama {
         self.cache.reset();
     }
 
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
     pub fn check_loaded(&mut self) -> Result<()> {
         if self.loaded {
             return Ok(());
@@ -140,32 +180,8 @@ impl Llama {
         }
     }
 
-    fn check_input(&self, tokens: &[u32], batch: usize, seq: usize, start_pos: usize) -> Result<()> {
-        let c = &self.config;
-        if tokens.len() != batch * seq || seq == 0 || batch == 0 {
-            return Err(EllmError::Value(format!(
-                "tokens must be [batch, seq] with both > 0, got {} ids for {batch}x{seq}",
-                tokens.len()
-            )));
-        }
-        if batch > c.max_batch_size {
-            return Err(EllmError::Value(format!("batch {batch} exceeds max_batch_size {}", c.max_batch_size)));
-        }
-        if start_pos + seq > c.max_seq_len {
-            return Err(EllmError::Value(format!(
-                "start_pos {start_pos} + seq {seq} exceeds max_seq_len {}",
-                c.max_seq_len
-            )));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EllmError::Value(format!("token id {bad} is out of range for vocab_size {}", c.vocab_size)));
-        }
-        Ok(())
-    }
-
-    /// Run `tokens` (`[batch, seq]`, sequence b at positions start_pos..start_pos+seq) through
-    /// the model, updating the KV cache, and return the logits asked for. A step that fails (a
-    /// hook's error, an interrupt) leaves the cache as it was before it.
+    /// Meta's `forward(tokens, start_pos)`: `tokens` is `[batch, seq]`, sequence b in slot b at
+    /// positions start_pos..start_pos+seq. Returns the logits asked for.
     pub fn forward(
         &mut self,
         tokens: &[u32],
@@ -175,38 +191,119 @@ impl Llama {
         wanted: LogitsWanted,
         hooks: Option<&mut dyn Hooks>,
     ) -> Result<Vec<f32>> {
-        self.check_input(tokens, batch, seq, start_pos)?;
+        if tokens.len() != batch * seq || seq == 0 || batch == 0 {
+            return Err(EllmError::Value(format!(
+                "tokens must be [batch, seq] with both > 0, got {} ids for {batch}x{seq}",
+                tokens.len()
+            )));
+        }
+        if batch > self.cache.slots() {
+            return Err(EllmError::Value(format!("batch {batch} exceeds max_batch_size {}", self.cache.slots())));
+        }
+        if start_pos + seq > self.config.max_seq_len {
+            return Err(EllmError::Value(format!(
+                "start_pos {start_pos} + seq {seq} exceeds max_seq_len {}",
+                self.config.max_seq_len
+            )));
+        }
+        let rows = batch * seq;
+        let slots: Vec<usize> = (0..rows).map(|r| r / seq).collect();
+        let positions: Vec<usize> = (0..rows).map(|r| start_pos + r % seq).collect();
+        let logits: Vec<bool> = (0..rows).map(|r| wanted == LogitsWanted::All || r % seq == seq - 1).collect();
+        let batch_rows = Batch { tokens, slots: &slots, positions: &positions, logits: &logits };
+        let logits_lead = if wanted == LogitsWanted::All { [batch, seq] } else { [batch, 1] };
+        self.run(&batch_rows, [batch, seq], logits_lead, hooks)
+    }
+
+    /// One step over a ragged batch: logits `[rows asked for, vocab]`, in row order. A step that
+    /// fails (bad rows, a hook's error, an interrupt) leaves the cache as it was before it.
+    pub fn step(&mut self, batch: &Batch, hooks: Option<&mut dyn Hooks>) -> Result<Vec<f32>> {
+        let (n, wanted) = (batch.tokens.len(), batch.logits.iter().filter(|&&w| w).count());
+        self.run(batch, [1, n], [1, wanted], hooks)
+    }
+
+    fn run(
+        &mut self,
+        batch: &Batch,
+        lead: [usize; 2],
+        logits_lead: [usize; 2],
+        hooks: Option<&mut dyn Hooks>,
+    ) -> Result<Vec<f32>> {
+        let runs = self.runs(batch)?;
         self.check_loaded()?;
-        let saved = self.cache.save(batch, start_pos, start_pos + seq);
-        let result = self.step(tokens, batch, seq, start_pos, wanted, hooks);
+        let spans: Vec<Span> = runs.iter().map(Run::span).collect();
+        let saved = self.cache.save(&spans);
+        let mut tap = Tap { hooks, lead, logits_lead };
+        let result = self.decode(batch, &runs, &mut tap);
         if result.is_err() {
             self.cache.restore(saved);
         }
         result
     }
 
-    fn step(
-        &mut self,
-        tokens: &[u32],
-        batch: usize,
-        seq: usize,
-        start_pos: usize,
-        wanted: LogitsWanted,
-        hooks: Option<&mut dyn Hooks>,
-    ) -> Result<Vec<f32>> {
+    /// Check a batch and split it into its slots' runs of rows.
+    fn runs(&self, batch: &Batch) -> Result<Vec<Run>> {
+        let (c, n) = (&self.config, batch.tokens.len());
+        if n == 0 || [batch.slots.len(), batch.positions.len(), batch.logits.len()] != [n; 3] {
+            return Err(EllmError::Value(format!(
+                "a batch needs one slot, position and logits flag per token, and at least one token: got {n} tokens, \
+                 {} slots, {} positions, {} flags",
+                batch.slots.len(),
+                batch.positions.len(),
+                batch.logits.len()
+            )));
+        }
+        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EllmError::Value(format!("token id {bad} is out of range for vocab_size {}", c.vocab_size)));
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        for r in 0..n {
+            let (slot, pos) = (batch.slots[r], batch.positions[r]);
+            if slot >= self.cache.slots() {
+                return Err(EllmError::Value(format!("slot {slot} does not exist: the cache has {} slots", self.cache.slots())));
+            }
+            if pos >= c.max_seq_len {
+                return Err(EllmError::Value(format!("position {pos} is past max_seq_len {}", c.max_seq_len)));
+            }
+            match runs.last_mut() {
+                Some(run) if run.slot == slot && pos == run.start + run.rows.len() => run.rows.end = r + 1,
+                Some(run) if run.slot == slot => {
+                    return Err(EllmError::Value(format!(
+                        "slot {slot}'s tokens must be at consecutive positions: row {r} is at position {pos} after {}",
+                        run.start + run.rows.len() - 1
+                    )));
+                }
+                _ => {
+                    if runs.iter().any(|run| run.slot == slot) {
+                        return Err(EllmError::Value(format!("slot {slot}'s tokens must be adjacent in the batch")));
+                    }
+                    let held = self.cache.len(slot);
+                    if pos > held {
+                        return Err(EllmError::Value(format!(
+                            "slot {slot} holds {held} positions, so its tokens must start at or before position \
+                             {held}, got {pos} (attention would read positions never written)"
+                        )));
+                    }
+                    runs.push(Run { slot, rows: r..r + 1, start: pos });
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    fn decode(&mut self, batch: &Batch, runs: &[Run], tap: &mut Tap) -> Result<Vec<f32>> {
         let c = self.config.clone();
-        let (h, rows) = (c.hidden_size, batch * seq);
-        let mut tap = Tap { hooks, batch, seq };
+        let (h, rows) = (c.hidden_size, batch.tokens.len());
 
         let embed = self.weights.embed_tokens.as_ref().expect("checked");
         let mut x = vec![0.0; rows * h];
-        for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+        for (&t, row) in batch.tokens.iter().zip(x.chunks_exact_mut(h)) {
             embed.embed_row(t as usize, row);
         }
         tap.emit(-1, "embed_tokens", &x, &[h])?;
 
         for l in 0..c.num_layers {
-            x = self.layer(l, x, batch, seq, start_pos, &mut tap)?;
+            x = self.layer(l, x, batch.positions, runs, tap)?;
             if let Some(h) = tap.hooks.as_deref_mut() {
                 h.interrupted()?;
             }
@@ -215,37 +312,21 @@ impl Llama {
         let x = rms_norm(&x, &self.weights.norm, c.rms_norm_eps);
         tap.emit(-1, "final_norm", &x, &[h])?;
         let head = self.weights.lm_head.as_ref().or(self.weights.embed_tokens.as_ref()).expect("checked");
-        let logits = match wanted {
-            LogitsWanted::All => {
-                let mut out = vec![0.0; rows * c.vocab_size];
-                head.linear(&x, rows, None, &mut out);
-                tap.emit(-1, "logits", &out, &[c.vocab_size])?;
-                out
-            }
-            LogitsWanted::Last => {
-                let last: Vec<f32> =
-                    (0..batch).flat_map(|b| x[((b + 1) * seq - 1) * h..(b + 1) * seq * h].iter().copied()).collect();
-                let mut out = vec![0.0; batch * c.vocab_size];
-                head.linear(&last, batch, None, &mut out);
-                tap.seq = 1;
-                tap.emit(-1, "logits", &out, &[c.vocab_size])?;
-                out
-            }
-        };
+        let picked: Vec<usize> = (0..rows).filter(|&r| batch.logits[r]).collect();
+        let mut logits = vec![0.0; picked.len() * c.vocab_size];
+        if picked.len() == rows {
+            head.linear(&x, rows, None, &mut logits);
+        } else if !picked.is_empty() {
+            let last: Vec<f32> = picked.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
+            head.linear(&last, picked.len(), None, &mut logits);
+        }
+        tap.emit_shaped(tap.logits_lead, -1, "logits", &logits, &[c.vocab_size])?;
         Ok(logits)
     }
 
-    fn layer(
-        &mut self,
-        l: usize,
-        mut x: Vec<f32>,
-        batch: usize,
-        seq: usize,
-        start_pos: usize,
-        tap: &mut Tap,
-    ) -> Result<Vec<f32>> {
+    fn layer(&mut self, l: usize, mut x: Vec<f32>, positions: &[usize], runs: &[Run], tap: &mut Tap) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (d, rows, half) = (c.head_dim, batch * seq, c.head_dim / 2);
+        let (d, rows, half) = (c.head_dim, positions.len(), c.head_dim / 2);
         let li = l as i32;
         let w = &self.weights.layers[l];
 
@@ -263,8 +344,7 @@ impl Llama {
             q = rms_norm(&q, &w.q_norm, c.rms_norm_eps);
             k = rms_norm(&k, &w.k_norm, c.rms_norm_eps);
         }
-        for r in 0..rows {
-            let pos = start_pos + r % seq;
+        for (r, &pos) in positions.iter().enumerate() {
             let (cos, sin) =
                 (&self.rope_cos[pos * half..(pos + 1) * half], &self.rope_sin[pos * half..(pos + 1) * half]);
             for head in q[r * c.q_dim()..(r + 1) * c.q_dim()].chunks_exact_mut(d) {
@@ -277,33 +357,28 @@ impl Llama {
         tap.emit(li, "q_after_rope", &q, &[c.num_heads, d])?;
         tap.emit(li, "k_after_rope", &k, &[c.num_kv_heads, d])?;
 
-        for r in 0..rows {
-            let (b, s) = (r / seq, r % seq);
-            let kv = c.kv_dim();
-            self.cache.store(l, b, start_pos + s, &k[r * kv..(r + 1) * kv], &v[r * kv..(r + 1) * kv]);
+        let kv = c.kv_dim();
+        for run in runs {
+            for (r, pos) in run.rows.clone().zip(run.start..) {
+                self.cache.store(l, run.slot, pos, &k[r * kv..(r + 1) * kv], &v[r * kv..(r + 1) * kv]);
+            }
         }
         let mut context = vec![0.0; rows * c.q_dim()];
-        let shape = attention::AttentionShape {
-            q_len: seq,
-            kv_len: start_pos + seq,
-            n_heads: c.num_heads,
-            n_kv_heads: c.num_kv_heads,
-            head_dim: d,
-            causal: true,
-            start_pos,
-            scale: 1.0 / (d as f32).sqrt(),
-            window: c.layer_windows[l],
-        };
-        let per_seq = seq * c.q_dim();
-        for b in 0..batch {
-            let (keys, values) = self.cache.views(l, b);
-            attention::attention(
-                &q[b * per_seq..(b + 1) * per_seq],
-                keys,
-                values,
-                &shape,
-                &mut context[b * per_seq..(b + 1) * per_seq],
-            )?;
+        for run in runs {
+            let shape = attention::AttentionShape {
+                q_len: run.rows.len(),
+                kv_len: run.start + run.rows.len(),
+                n_heads: c.num_heads,
+                n_kv_heads: c.num_kv_heads,
+                head_dim: d,
+                causal: true,
+                start_pos: run.start,
+                scale: 1.0 / (d as f32).sqrt(),
+                window: c.layer_windows[l],
+            };
+            let (keys, values) = self.cache.views(l, run.slot);
+            let span = run.rows.start * c.q_dim()..run.rows.end * c.q_dim();
+            attention::attention(&q[span.clone()], keys, values, &shape, &mut context[span])?;
         }
         tap.emit(li, "attention_context", &context, &[c.q_dim()])?;
         let attn_out = linear(&w.o_proj, &context, rows, &w.o_bias);

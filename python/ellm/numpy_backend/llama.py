@@ -1,7 +1,8 @@
 """The Llama decoder in NumPy: ellm's readable reference model, and its fallback backend.
 
-It has the Rust engine's interface (`set_weight`, `check_loaded`, `reset_cache`, `forward`) and
-fires the same hook points with the same shapes.
+It has the Rust engine's interface (`set_weight`, `check_loaded`, `reset_cache`, `forward`, the
+ragged `step` over KV slots and the slot operations) and fires the same hook points with the same
+shapes.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ class NumpyLlama:
         kind, params = rope_scaling_params(args.rope_scaling)
         self.inv_freq = K.inv_freq(self.head_dim, args.rope_theta, kind, params)
         self.windows = args.layer_windows()
+        # one slot per sequence: [layers, slots, kv_heads, max_seq_len, head_dim]
         shape = (args.num_hidden_layers, args.max_batch_size, args.num_key_value_heads, args.max_seq_len, self.head_dim)
         self.cache_k = np.zeros(shape, dtype=np.float32)
         self.cache_v = np.zeros(shape, dtype=np.float32)
-        self.filled = 0  # every cached position at or past this one holds zeros
+        self.filled = [0] * args.max_batch_size  # per slot: every position at or past it holds zeros
 
     def set_weight(self, name: str, array: np.ndarray) -> None:
         if name not in self.expected:
@@ -41,56 +43,123 @@ class NumpyLlama:
         if missing:
             raise ValueError(f"weights not loaded: {', '.join(missing)}")
 
+    # ----- KV slots -----
+
+    def num_slots(self) -> int:
+        return len(self.filled)
+
+    def slot_lengths(self) -> list[int]:
+        return list(self.filled)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < len(self.filled):
+            raise ValueError(f"slot {slot} does not exist: the cache has {len(self.filled)} slots")
+
+    def truncate_slot(self, slot: int, n: int) -> None:
+        self._check_slot(slot)
+        if n < self.filled[slot]:
+            self.cache_k[:, slot, :, n:self.filled[slot]] = 0.0
+            self.cache_v[:, slot, :, n:self.filled[slot]] = 0.0
+            self.filled[slot] = n
+
+    def copy_slot(self, src: int, dst: int, n: int) -> None:
+        self._check_slot(src)
+        self._check_slot(dst)
+        if n > self.filled[src]:
+            raise ValueError(f"slot {src} holds {self.filled[src]} positions, cannot copy {n}")
+        keys, values = self.cache_k[:, src, :, :n].copy(), self.cache_v[:, src, :, :n].copy()
+        self.truncate_slot(dst, 0)
+        self.cache_k[:, dst, :, :n], self.cache_v[:, dst, :, :n] = keys, values
+        self.filled[dst] = n
+
     def reset_cache(self) -> None:
-        self.cache_k[:, :, :, :self.filled] = 0.0
-        self.cache_v[:, :, :, :self.filled] = 0.0
-        self.filled = 0
+        for slot in range(len(self.filled)):
+            self.truncate_slot(slot, 0)
+
+    # ----- steps -----
 
     def forward(self, tokens: np.ndarray, start_pos: int, all_logits: bool,
                 hook: Callable | None = None, hook_names: set[str] | None = None) -> np.ndarray:
-        """A step that fails (a hook's exception, KeyboardInterrupt) leaves the cache as it was."""
-        batch, end = tokens.shape[0], start_pos + tokens.shape[1]
-        saved = (self.filled, self.cache_k[:, :batch, :, start_pos:end].copy(),
-                 self.cache_v[:, :batch, :, start_pos:end].copy())
-        try:
-            logits = self._forward(tokens, start_pos, all_logits, hook, hook_names)
-        except BaseException:
-            self.filled = saved[0]
-            self.cache_k[:, :batch, :, start_pos:end] = saved[1]
-            self.cache_v[:, :batch, :, start_pos:end] = saved[2]
-            raise
-        self.filled = max(self.filled, end)
-        return logits
-
-    def _forward(self, tokens, start_pos, all_logits, hook, hook_names):
-        self.check_loaded()
-        a, w = self.args, self.weights
+        """Meta's forward: `[batch, seq]` tokens, sequence b in slot b at start_pos.."""
         batch, seq = tokens.shape
+        rows = np.arange(batch * seq)
+        wanted = np.ones(rows.size, bool) if all_logits else rows % seq == seq - 1
+        logits = self._run(tokens.reshape(-1), rows // seq, start_pos + rows % seq, wanted, (batch, seq),
+                           (batch, seq) if all_logits else (batch, 1), hook, hook_names)
+        return logits.reshape(batch, seq, -1) if all_logits else logits
 
-        def emit(name: str, layer: int, x: np.ndarray, inner: tuple[int, ...]) -> None:
+    def step(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray, logits: np.ndarray,
+             hook: Callable | None = None, hook_names: set[str] | None = None) -> np.ndarray:
+        """One ragged step (the Rust engine's `step`): logits `[rows where logits, vocab]`."""
+        logits = np.asarray(logits, dtype=bool)
+        return self._run(np.asarray(tokens), np.asarray(slots), np.asarray(positions), logits,
+                         (1, len(tokens)), (1, int(logits.sum())), hook, hook_names)
+
+    def _runs(self, tokens, slots, positions, wanted) -> list[tuple[int, int, int, int]]:
+        """Check a batch and split it into (slot, first row, end row, first position) runs."""
+        a, n = self.args, len(tokens)
+        if n == 0 or not len(slots) == len(positions) == len(wanted) == n:
+            raise ValueError(f"a batch needs one slot, position and logits flag per token, and at least one token: "
+                             f"got {n} tokens, {len(slots)} slots, {len(positions)} positions, {len(wanted)} flags")
+        bad = [int(t) for t in tokens if not 0 <= t < a.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for vocab_size {a.vocab_size}")
+        runs: list[list[int]] = []
+        for r, (slot, pos) in enumerate(zip(slots.tolist(), positions.tolist())):
+            self._check_slot(slot)
+            if not 0 <= pos < a.max_seq_len:
+                raise ValueError(f"position {pos} is past max_seq_len {a.max_seq_len}")
+            if runs and runs[-1][0] == slot:
+                if pos != runs[-1][3] + r - runs[-1][1]:
+                    raise ValueError(f"slot {slot}'s tokens must be at consecutive positions: row {r} is at position "
+                                     f"{pos} after {runs[-1][3] + r - runs[-1][1] - 1}")
+                runs[-1][2] = r + 1
+                continue
+            if any(run[0] == slot for run in runs):
+                raise ValueError(f"slot {slot}'s tokens must be adjacent in the batch")
+            if pos > self.filled[slot]:
+                raise ValueError(f"slot {slot} holds {self.filled[slot]} positions, so its tokens must start at or "
+                                 f"before position {self.filled[slot]}, got {pos} (attention would read positions "
+                                 "never written)")
+            runs.append([slot, r, r + 1, pos])
+        return [tuple(run) for run in runs]
+
+    def _run(self, tokens, slots, positions, wanted, lead, logits_lead, hook, hook_names) -> np.ndarray:
+        """A step that fails (a hook's exception, KeyboardInterrupt) leaves the cache as it was."""
+        runs = self._runs(tokens, slots, positions, wanted)
+        self.check_loaded()
+        saved = [(slot, pos, pos + end - first, self.cache_k[:, slot, :, pos:pos + end - first].copy(),
+                  self.cache_v[:, slot, :, pos:pos + end - first].copy()) for slot, first, end, pos in runs]
+        filled = list(self.filled)
+        try:
+            return self._decode(tokens, positions, wanted, runs, lead, logits_lead, hook, hook_names)
+        except BaseException:
+            self.filled = filled
+            for slot, start, end, keys, values in saved:
+                self.cache_k[:, slot, :, start:end], self.cache_v[:, slot, :, start:end] = keys, values
+            raise
+
+    def _decode(self, tokens, positions, wanted, runs, lead, logits_lead, hook, hook_names):
+        a, w = self.args, self.weights
+
+        def emit(name: str, layer: int, x: np.ndarray, inner: tuple[int, ...], shape=lead) -> None:
             if hook is not None and hook_names and name in hook_names:
-                hook(name, np.array(x, dtype=np.float32).reshape(batch, -1, *inner), layer)
+                hook(name, np.array(x, dtype=np.float32).reshape(shape[0], -1, *inner), layer)
 
-        x = w["model.embed_tokens.weight"][tokens.reshape(-1)]  # [batch * seq, hidden]
+        x = w["model.embed_tokens.weight"][tokens]  # [rows, hidden]
         emit("embed_tokens", -1, x, (a.hidden_size,))
-        positions = np.arange(start_pos, start_pos + seq)
         cos, sin = K.rope_cos_sin(positions, self.inv_freq)
         for layer in range(a.num_hidden_layers):
-            x = self._layer(layer, x, batch, seq, start_pos, cos, sin, emit)
+            x = self._layer(layer, x, runs, cos, sin, emit)
 
         x = K.rms_norm(x, w["model.norm.weight"], a.rms_norm_eps)
         emit("final_norm", -1, x, (a.hidden_size,))
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-        if all_logits:
-            logits = K.linear(x, head)
-            emit("logits", -1, logits, (a.vocab_size,))
-            return logits.reshape(batch, seq, a.vocab_size)
-        last = x.reshape(batch, seq, -1)[:, -1]
-        logits = K.linear(last, head)
-        emit("logits", -1, logits, (a.vocab_size,))
+        logits = K.linear(x[wanted], head)
+        emit("logits", -1, logits, (a.vocab_size,), logits_lead)
         return logits
 
-    def _layer(self, i, x, batch, seq, start_pos, cos, sin, emit):
+    def _layer(self, i, x, runs, cos, sin, emit):
         a, d = self.args, self.head_dim
         p = f"model.layers.{i}."
         w = lambda name: self.weights[p + name]  # noqa: E731
@@ -104,9 +173,9 @@ class NumpyLlama:
         q = K.linear(xn, w("self_attn.q_proj.weight"), bias("self_attn.q_proj.bias"))
         k = K.linear(xn, w("self_attn.k_proj.weight"), bias("self_attn.k_proj.bias"))
         v = K.linear(xn, w("self_attn.v_proj.weight"), bias("self_attn.v_proj.bias"))
-        q = q.reshape(batch, seq, a.num_attention_heads, d)
-        k = k.reshape(batch, seq, a.num_key_value_heads, d)
-        v = v.reshape(batch, seq, a.num_key_value_heads, d)
+        q = q.reshape(-1, a.num_attention_heads, d)
+        k = k.reshape(-1, a.num_key_value_heads, d)
+        v = v.reshape(-1, a.num_key_value_heads, d)
         emit(n("q_after_proj"), i, q, (a.num_attention_heads, d))
         emit(n("k_after_proj"), i, k, (a.num_key_value_heads, d))
         emit(n("v_after_proj"), i, v, (a.num_key_value_heads, d))
@@ -117,14 +186,16 @@ class NumpyLlama:
         emit(n("q_after_rope"), i, q, (a.num_attention_heads, d))
         emit(n("k_after_rope"), i, k, (a.num_key_value_heads, d))
 
-        end = start_pos + seq
-        self.cache_k[i, :batch, :, start_pos:end] = k.transpose(0, 2, 1, 3)
-        self.cache_v[i, :batch, :, start_pos:end] = v.transpose(0, 2, 1, 3)
-        context = np.stack([
-            K.attention(q[b], self.cache_k[i, b, :, :end].transpose(1, 0, 2), self.cache_v[i, b, :, :end].transpose(1, 0, 2),
-                        True, start_pos, 1.0 / np.sqrt(d), self.windows[i])
-            for b in range(batch)
-        ]).reshape(batch * seq, -1)
+        context = np.empty((len(x), a.q_dim()), dtype=np.float32)
+        for slot, first, end, pos in runs:  # each sequence attends to its own slot
+            last = pos + end - first
+            self.cache_k[i, slot, :, pos:last] = k[first:end].transpose(1, 0, 2)
+            self.cache_v[i, slot, :, pos:last] = v[first:end].transpose(1, 0, 2)
+            self.filled[slot] = max(self.filled[slot], last)
+            context[first:end] = K.attention(
+                q[first:end], self.cache_k[i, slot, :, :last].transpose(1, 0, 2),
+                self.cache_v[i, slot, :, :last].transpose(1, 0, 2), True, pos, 1.0 / np.sqrt(d), self.windows[i],
+            ).reshape(end - first, -1)
         emit(n("attention_context"), i, context, (a.q_dim(),))
         attn_out = K.linear(context, w("self_attn.o_proj.weight"), bias("self_attn.o_proj.bias"))
         emit(n("attention_output"), i, attn_out, (h,))
