@@ -1,4 +1,4 @@
-"""The `ellm` command: generate, chat, info, metadata."""
+"""The `ellm` command: generate, chat, serve, info, metadata."""
 
 from __future__ import annotations
 
@@ -109,6 +109,20 @@ def cmd_chat(args) -> int:
             print("(history cleared)", file=sys.stderr)
             continue
         reply(text)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serving.server import serve
+    except ImportError as exc:
+        raise EllmError(str(exc)) from None
+    if args.slots < 1:
+        raise ValueError(f"--slots must be >= 1, got {args.slots}")
+    print(f"ellm: serving {args.model or 'the bundled model'} on http://{args.host}:{args.port}/v1 with {args.slots} "
+          "slots (/health answers 503 until the model is loaded)", file=sys.stderr, flush=True)
+    serve(args.model, host=args.host, port=args.port, slots=args.slots, max_seq_len=args.max_seq_len,
+          dtype=args.dtype, api_key=args.api_key, max_queue=args.max_queue, log_level=args.log_level)
     return 0
 
 
@@ -227,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(c)
     sampling_options(c, 256)
     c.set_defaults(run=cmd_chat)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the extra ellm[server])")
+    s.add_argument("model", nargs="?", help="a Hugging Face folder or a .gguf file (default: the bundled model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--slots", type=int, default=4, help="requests generating at once, one KV slot each (default 4)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    s.add_argument("--max-seq-len", type=int, default=2048, help="context length of each slot (default 2048)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "f32", "q8_0", "q4_0"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(run=cmd_serve)
 
     i = sub.add_parser("info", help="describe a model")
     i.add_argument("--model")

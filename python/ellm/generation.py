@@ -4,6 +4,7 @@ llama-cpp-python style streaming and stop strings, on a Transformer and its Toke
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,8 @@ class Llama:
             self.tokenizer = Tokenizer.from_file(path)
         self.seed = seed
         self.stop_ids = sorted(set(self.model.model_args.eos_token_id or []) | set(self.tokenizer.eos_ids))
+        self._serving = None
+        self._serving_lock = threading.Lock()
 
     @classmethod
     def build(cls, ckpt_dir: str | os.PathLike | None = None, tokenizer_path: str | os.PathLike | None = None,
@@ -211,3 +214,52 @@ class Llama:
                 item["logprobs"] = lps
             out.append(item)
         return out[0] if single else out
+
+    # ----- llama-cpp-python's OpenAI-shaped calls (the same dicts as `ellm serve`) -----
+
+    def serving(self, **engine_options: Any):
+        """The continuous-batching engine behind the OpenAI-shaped calls (started on first use, one
+        slot per max_batch_size): several threads' requests run together, one step at a time."""
+        from .serving import Engine, OpenAIServing
+
+        with self._serving_lock:
+            if self._serving is None or not self._serving.engine.alive:
+                engine = Engine(self.model, self.tokenizer, self.stop_ids, **engine_options)
+                name = os.path.basename(self.model_path.rstrip("/")) or "ellm"
+                self._serving = OpenAIServing(engine, self.tokenizer, name)
+            return self._serving
+
+    def close(self) -> None:
+        """Stop the serving engine, if one was started."""
+        with self._serving_lock:
+            if self._serving is not None:
+                self._serving.engine.close()
+                self._serving = None
+
+    def create_completion(self, prompt: str | list[int], max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, top_k: int = 40, stream: bool = False,
+                          stop: str | list[str] | None = None, seed: int | None = None, echo: bool = False,
+                          presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                          logit_bias: dict | None = None, logprobs: int | None = None, **openai_fields: Any):
+        """OpenAI's text completion as llama-cpp-python returns it: a `text_completion` dict, or with
+        stream=True an iterator of chunk dicts. Unsupported settings (n > 1, suffix, ...) raise
+        InvalidRequestError (a ValueError)."""
+        body = dict(openai_fields, prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k, stream=stream, stop=stop, seed=self.seed if seed is None else seed, echo=echo,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                    repeat_penalty=repeat_penalty, logit_bias=logit_bias, logprobs=logprobs)
+        return self.serving().run(body, chat=False)
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, stream: bool = False,
+                               stop: str | list[str] | None = None, seed: int | None = None,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               repeat_penalty: float = 1.0, logit_bias: dict | None = None, logprobs: bool = False,
+                               top_logprobs: int | None = None, **openai_fields: Any):
+        """OpenAI's chat completion as llama-cpp-python returns it: a `chat.completion` dict, or with
+        stream=True an iterator of `chat.completion.chunk` dicts."""
+        body = dict(openai_fields, messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k, stream=stream, stop=stop, seed=self.seed if seed is None else seed,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                    repeat_penalty=repeat_penalty, logit_bias=logit_bias, logprobs=logprobs, top_logprobs=top_logprobs)
+        return self.serving().run(body, chat=True)

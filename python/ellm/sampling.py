@@ -42,3 +42,25 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int | No
         sorted_p /= sorted_p.sum()
         out[b] = order[rng.choice(len(sorted_p), p=sorted_p)]
     return out
+
+
+def apply_penalties(logits: np.ndarray, counts: dict[int, int], presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties on one row of logits: every id generated so far
+    loses `presence`, plus `frequency` per time it was generated."""
+    if not counts or (presence == 0.0 and frequency == 0.0):
+        return logits
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    n = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+    logits = logits.copy()
+    logits[ids] -= presence + frequency * n
+    return logits
+
+
+def apply_logit_bias(logits: np.ndarray, bias: dict[int, float] | None) -> np.ndarray:
+    """OpenAI's logit_bias: added to the logits of the ids named (-100 bans, 100 forces)."""
+    if not bias:
+        return logits
+    logits = logits.copy()
+    for token, value in bias.items():
+        logits[token] += value
+    return logits
