@@ -173,8 +173,8 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosedError(f"the engine is closed{self._reason()}")
-            if len(self._waiting) >= self.max_queue and not self._free:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting for a slot")
+            if len(self._waiting) - len(self._free) >= self.max_queue:  # free slots take some at the next step
+                raise QueueFullError(f"{self.max_queue} requests are already waiting for a slot")
             self._waiting.append(request)
             self.requests_total += 1
             self._lock.notify()

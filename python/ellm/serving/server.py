@@ -112,12 +112,12 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
             return error_response(503, "the engine stopped", "server_error", code="engine_stopped")
         return None
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
-        return await call_next(request)
+    # Checked in each /v1/ handler: an HTTP middleware (BaseHTTPMiddleware) would wrap `receive`, and
+    # then no handler could see a client disconnect (request.is_disconnected() stays False).
+    def refused(request: Request) -> JSONResponse | None:
+        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+        return unavailable()
 
     @app.get("/health")
     async def health():
@@ -125,8 +125,8 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
         return problem or {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models():
-        problem = unavailable()
+    async def models(request: Request):
+        problem = refused(request)
         if problem:
             return problem
         return {"object": "list", "data": [{"id": state.serving.model_name, "object": "model",
@@ -156,7 +156,7 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def complete(request: Request, schema: type[BaseModel], chat: bool):
-        problem = unavailable()
+        problem = refused(request)
         if problem:
             return problem
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -203,12 +203,17 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
             return EventSourceResponse(chunks(), ping=15)
 
         try:
+            checked = time.monotonic()
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:  # tokens may arrive faster than that
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return None
+                if event is None:
                     continue
                 if event.error is not None:
                     return _error_for(event.error)
