@@ -31,6 +31,9 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int | No
     probs = np.exp(log_softmax(logits / temperature))
     out = np.empty(len(probs), dtype=np.int64)
     for b, p in enumerate(probs):
+        if top_p >= 1.0 and not top_k:  # nothing is cut: draw from the whole distribution, no sort
+            out[b] = rng.choice(len(p), p=p / p.sum())
+            continue
         order = np.argsort(-p, kind="stable")
         sorted_p = p[order]
         if top_k is not None and top_k > 0:
