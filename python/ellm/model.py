@@ -329,10 +329,13 @@ class Transformer:
 
     # ----- running -----
 
-    def _check_tokens(self, tokens: np.ndarray, start_pos: int) -> None:
-        a = self.model_args
+    def _require_weights(self) -> None:
         if not self.weights_loaded:
             raise ValueError("the model has no weights: call load_state_dict or use Transformer.from_pretrained")
+
+    def _check_tokens(self, tokens: np.ndarray, start_pos: int) -> None:
+        a = self.model_args
+        self._require_weights()
         if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
             raise ValueError(f"start_pos must be an int >= 0, got {start_pos!r}")
         batch, seq = tokens.shape
@@ -379,17 +382,12 @@ class Transformer:
         starting at or before `slot_length(slot)` (a step may rewrite a slot's tail). Returns the
         logits `[rows where logits[r], vocab]` (default: every row)."""
         tokens = _index_array(tokens, "tokens")
-        n = len(tokens)
-        arrays = [_index_array(slots, "slots"), _index_array(positions, "positions")]
-        wanted = np.ones(n, bool) if logits is None else np.asarray(logits, dtype=bool).reshape(-1)
-        if any(len(a) != n for a in arrays) or len(wanted) != n or n == 0:
-            raise ValueError(f"step needs one slot, position and logits flag per token, and at least one token: got "
-                             f"{n} tokens, {len(arrays[0])} slots, {len(arrays[1])} positions, {len(wanted)} flags")
-        if not self.weights_loaded:
-            raise ValueError("the model has no weights: call load_state_dict or use Transformer.from_pretrained")
+        wanted = np.ones(len(tokens), bool) if logits is None else np.asarray(logits, dtype=bool).reshape(-1)
+        self._require_weights()
         hook, names = self._hook_args()
-        with self._exclusive():
-            return self._engine.step(tokens, arrays[0], arrays[1], wanted, hook, names)
+        with self._exclusive():  # the engine checks the rows (counts, slots, positions, ids)
+            return self._engine.step(tokens, _index_array(slots, "slots"), _index_array(positions, "positions"),
+                                     wanted, hook, names)
 
     def slot_length(self, slot: int) -> int:
         """How many positions KV slot `slot` holds."""
@@ -424,7 +422,8 @@ class Transformer:
         return self._cache_epoch
 
     def _claim_rows(self, batch: int) -> None:
-        """forward and generate write slots 0..batch-1: refuse where `step` users hold one."""
+        """forward and generate write slots 0..batch-1: refuse where `step` users hold one, else count
+        the write in `cache_epoch`."""
         taken = sorted(s for s in self._allocated if s < batch)
         if taken:
             raise ModelBusyError(f"KV slots {taken} are allocated to step users (a serving engine?); forward and "
@@ -577,10 +576,11 @@ class Transformer:
         wanted = np.ones(len(ids), bool) if logprobs else np.isin(np.arange(len(ids)), last_rows)
         cur = lengths.copy()  # the position each sequence's next token goes to
         live = np.arange(n)
+        prompt_step = True
         while True:
             rows = (ids, slots, positions, wanted)
             logits = self._step_rows(*rows)
-            if logprobs and len(ids) > len(live):  # the prompt step: score every prompt token
+            if logprobs and prompt_step:  # score every prompt token
                 lp = log_softmax(logits)
                 for b, p in enumerate(prompts):
                     first = last_rows[b] - len(p) + 1
@@ -598,9 +598,10 @@ class Transformer:
                 token_logprobs[live, cur[live]] = log_softmax(logits)[np.arange(len(live)), chosen]
             cur[live] += 1
             done[live] |= np.isin(chosen, stop_array) | (cur[live] >= limits[live])
-            if self.last_timings["prompt_seconds"] == 0.0:
+            if prompt_step:
                 self.last_timings["prompt_seconds"] = time.perf_counter() - started
                 started = time.perf_counter()
+                prompt_step = False
             else:
                 self.last_timings["generate_seconds"] = time.perf_counter() - started
             self.last_timings["generated_tokens"] += 1

@@ -72,7 +72,7 @@ impl KvCache {
         if n >= held {
             return;
         }
-        for at in self.runs(slot, n) {
+        for at in self.head_offsets(slot, n) {
             let len = (held - n) * self.head_dim;
             self.keys[at..at + len].fill(0.0);
             self.values[at..at + len].fill(0.0);
@@ -91,7 +91,7 @@ impl KvCache {
         }
         self.truncate(dst, 0);
         let len = n * self.head_dim;
-        for (from, to) in self.runs(src, 0).into_iter().zip(self.runs(dst, 0)) {
+        for (from, to) in self.head_offsets(src, 0).into_iter().zip(self.head_offsets(dst, 0)) {
             self.keys.copy_within(from..from + len, to);
             self.values.copy_within(from..from + len, to);
         }
@@ -120,7 +120,7 @@ impl KvCache {
             Saved { spans: spans.to_vec(), filled: self.filled.clone(), keys: Vec::new(), values: Vec::new() };
         for s in spans {
             let n = s.end.min(self.filled[s.slot]).saturating_sub(s.start) * self.head_dim;
-            for at in self.runs(s.slot, s.start) {
+            for at in self.head_offsets(s.slot, s.start) {
                 saved.keys.extend_from_slice(&self.keys[at..at + n]);
                 saved.values.extend_from_slice(&self.values[at..at + n]);
             }
@@ -134,7 +134,7 @@ impl KvCache {
         for s in &saved.spans {
             let kept = s.end.min(saved.filled[s.slot]).saturating_sub(s.start) * d;
             let written = (s.end - s.start) * d;
-            for at in self.runs(s.slot, s.start) {
+            for at in self.head_offsets(s.slot, s.start) {
                 self.keys[at..at + kept].copy_from_slice(&saved.keys[from..from + kept]);
                 self.values[at..at + kept].copy_from_slice(&saved.values[from..from + kept]);
                 from += kept;
@@ -146,7 +146,7 @@ impl KvCache {
     }
 
     /// Offset of position `start` in every (layer, kv head) run of `slot`'s positions.
-    fn runs(&self, slot: usize, start: usize) -> Vec<usize> {
+    fn head_offsets(&self, slot: usize, start: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(self.layers * self.kv_heads);
         for layer in 0..self.layers {
             for g in 0..self.kv_heads {

@@ -200,12 +200,6 @@ impl Llama {
         if batch > self.cache.slots() {
             return Err(EllmError::Value(format!("batch {batch} exceeds max_batch_size {}", self.cache.slots())));
         }
-        if start_pos + seq > self.config.max_seq_len {
-            return Err(EllmError::Value(format!(
-                "start_pos {start_pos} + seq {seq} exceeds max_seq_len {}",
-                self.config.max_seq_len
-            )));
-        }
         let rows = batch * seq;
         let slots: Vec<usize> = (0..rows).map(|r| r / seq).collect();
         let positions: Vec<usize> = (0..rows).map(|r| start_pos + r % seq).collect();

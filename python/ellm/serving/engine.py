@@ -258,8 +258,6 @@ class Engine:
             self._free.remove(slot)
             self._slot_used[slot] = time.perf_counter()
             self.model.truncate_slot(slot, reuse)
-            del self._slot_tokens[slot][reuse:]
-            self._slot_reusable[slot] = reuse
             request.slot, request.fed = slot, reuse
             self._running.append(request)
 
@@ -311,9 +309,6 @@ class Engine:
         logits = self.model.step(np.array(tokens), np.array(slots), np.array(positions), np.array(wanted))
         self.steps_total += 1
         for request, row in zip(takers, logits):
-            if request.fed == len(request.prompt) and not request.generated:
-                complete = len(request.prompt) - len(request.prompt) % self.chunk
-                self._slot_reusable[request.slot] = complete
             self._next_token(request, row)
         with self._lock:
             self._recent.append((time.perf_counter(), len(takers)))
@@ -358,7 +353,8 @@ class Engine:
         slot = request.slot
         held = request.fed + max(len(request.generated) - 1, 0)  # the last token chosen was never fed
         self._slot_tokens[slot] = (request.prompt + request.generated)[:held]
-        self._slot_reusable[slot] = min(self._slot_reusable[slot], held)
+        # prompt chunks end on the grid but for the prompt's last: the whole grid chunks fed are reusable
+        self._slot_reusable[slot] = request.fed - request.fed % self.chunk
         self.model.free_slot(slot)
         with self._lock:
             self._running.remove(request)
