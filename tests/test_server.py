@@ -85,6 +85,36 @@ def test_chat_stream_joins_to_the_whole_reply(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
+def test_max_completion_tokens(client):
+    done = client.chat.completions.create(model="x", messages=CHAT, max_completion_tokens=3, temperature=0)
+    assert done.usage.completion_tokens == 3 and done.choices[0].finish_reason == "length"
+
+
+def test_health_is_503_while_the_model_loads():
+    from fastapi.testclient import TestClient
+
+    from ellm.serving.server import create_app
+
+    release = threading.Event()
+    llm = ellm.Llama(max_batch_size=1, max_seq_len=64)
+
+    def load():
+        release.wait(10)
+        return llm.serving()
+
+    with TestClient(create_app(load)) as web:
+        loading = web.get("/health")
+        assert loading.status_code == 503 and loading.json()["error"]["code"] == "loading"
+        assert web.post("/v1/completions", json={"prompt": "hi"}).status_code == 503
+        release.set()
+        deadline = time.time() + 10
+        while web.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.01)
+        assert web.get("/health").json() == {"status": "ok"}
+        assert web.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).json()["usage"]["completion_tokens"] == 2
+    llm.close()
+
+
 def test_completion_stream_usage_and_finish_reasons(client):
     done = client.completions.create(model="x", prompt="The capital of France is", max_tokens=5, temperature=0)
     assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5

@@ -267,3 +267,28 @@ class _IdTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))
+
+
+def test_penalties_and_bias_change_the_logits_as_openai_defines_them():
+    from ellm.sampling import apply_logit_bias, apply_penalties
+
+    logits = np.array([1.0, 2.0, 3.0, 4.0])
+    out = apply_penalties(logits, {1: 3, 3: 1}, presence=0.5, frequency=0.25)
+    np.testing.assert_allclose(out, [1.0, 2.0 - 0.5 - 0.75, 3.0, 4.0 - 0.5 - 0.25])
+    np.testing.assert_allclose(apply_logit_bias(logits, {0: 100.0, 2: -100.0}), [101.0, 2.0, -97.0, 4.0])
+    np.testing.assert_array_equal(logits, [1.0, 2.0, 3.0, 4.0])  # the caller's row is left alone
+
+
+def test_frequency_penalty_curbs_repetition(llm):
+    engine = engine_for(llm)
+    try:
+        ids = llm.tokenizer.encode("1, 1, 1, 1, 1, 1, 1, 1,")
+
+        def most_repeated(**kw):
+            tokens = text_of(engine.submit(ids, params(llm, temperature=0, max_tokens=16, **kw)))[1]
+            return max(tokens.count(t) for t in set(tokens))
+
+        plain, penalized = most_repeated(), most_repeated(frequency_penalty=2.0, presence_penalty=1.0)
+        assert plain >= 6 and penalized <= 3  # greedy repeats ' 1' and ',' six times each
+    finally:
+        engine.close()
