@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-openai = pytest.importorskip("openai", reason="the server tests use the openai client (pip install 'ellm[test]')")
-pytest.importorskip("fastapi", reason="the server needs the extra ellm[server]")
-pytest.importorskip("sse_starlette", reason="the server needs the extra ellm[server]")
-httpx = pytest.importorskip("httpx")
+import httpx  # the test extra's, as openai is: missing, they fail here rather than skip
+import openai
+
+pytest.importorskip("fastapi", reason="the server needs the extra ellm[server] (make test installs it)")
+pytest.importorskip("sse_starlette", reason="the server needs the extra ellm[server] (make test installs it)")
 
 import ellm  # noqa: E402
 
