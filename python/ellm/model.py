@@ -20,6 +20,7 @@ from .config import ModelArgs
 from .errors import ModelBusyError, ModelFormatError
 from .hooks import HookRegistry, hook_point_names
 from .sampling import apply_repetition_penalty, log_softmax, sample
+from .stage import Stage
 
 
 def _as_float32(value: Any, name: str) -> np.ndarray:
@@ -116,13 +117,23 @@ class Transformer:
     from its first step to its last; calls from other threads wait their turn, with the GIL
     released. The same thread starting a second generation before its first one ends, or calling
     the model from one of its own hooks, gets `ModelBusyError`. Different models run in parallel.
-    A step that fails (a hook's exception, Ctrl-C) leaves the KV cache as it was."""
+    A step that fails (a hook's exception, Ctrl-C) leaves the KV cache as it was.
 
-    def __init__(self, args: ModelArgs) -> None:
+    Given a `Stage`, the model is one pipeline stage of a model split over machines
+    (`ellm.distributed`): it holds that stage's tensors only, and its `step` takes hidden states
+    where the stage does not embed and returns them where it does not apply the head."""
+
+    def __init__(self, args: ModelArgs, stage: Stage | None = None) -> None:
         if not isinstance(args, ModelArgs):
             raise TypeError(f"Transformer takes a ModelArgs, got {type(args).__name__}")
+        if stage is not None and not isinstance(stage, Stage):
+            raise TypeError(f"stage must be an ellm.stage.Stage or None, got {type(stage).__name__}")
         args.validate()
+        if stage is not None and stage.stop > args.num_hidden_layers:
+            raise ValueError(f"stage layers {stage.first}..{stage.stop - 1} pass the model's "
+                             f"{args.num_hidden_layers} layers")
         self.model_args = args
+        self.stage = stage or Stage.whole(args)
         self.backend = get_backend()
         self.weights_loaded = False
         self.source: str | None = None
@@ -146,10 +157,10 @@ class Transformer:
         if self.backend == "rust":
             from . import _lowlevel
 
-            return _lowlevel.LlamaEngine(self.model_args.engine_config())
+            return _lowlevel.LlamaEngine(self.stage.engine_config(self.model_args))
         from .numpy_backend.llama import NumpyLlama
 
-        return NumpyLlama(self.model_args)
+        return NumpyLlama(self.model_args, self.stage)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -207,6 +218,7 @@ class Transformer:
         stay in place."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        self._require_whole("load_state_dict")
         expected = self.model_args.expected_shapes()
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
@@ -229,7 +241,7 @@ class Transformer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "auto", max_seq_len: int | None = None,
                         max_batch_size: int | None = None, progress: Callable | None = None,
-                        allow_non_finite: bool = False) -> Transformer:
+                        allow_non_finite: bool = False, stage: Stage | None = None) -> Transformer:
         """Load a Hugging Face folder (config.json + safetensors) or a .gguf file.
 
         `dtype` says how the Rust engine keeps the weight matrices: "auto" as stored (a GGUF's
@@ -239,7 +251,10 @@ class Transformer:
 
         `progress`, if given, wraps the iterable of tensor names (e.g. `tqdm`). A tensor holding
         NaN or infinite values is refused, naming it, unless allow_non_finite. (Other flipped
-        bytes in the weights cannot be detected: GGUF and safetensors carry no checksum.)"""
+        bytes in the weights cannot be detected: GGUF and safetensors carry no checksum.)
+
+        With a `stage`, only that pipeline stage's tensors are read (the whole file's headers are
+        still checked), so a stage never holds the rest of the model."""
         from .weights import open_checkpoint
 
         if not isinstance(dtype, str) or dtype.lower() not in WEIGHT_DTYPES:
@@ -271,22 +286,24 @@ class Transformer:
         for name, shape in expected.items():
             if ckpt.tensors[name].shape != shape:
                 raise ModelFormatError(f"{path}: tensor {name!r} has shape {ckpt.tensors[name].shape}, expected {shape}")
-        model = cls(args)  # the engine and its cache are built only once the tensors fit the config
-        names: Iterable[str] = list(expected)
+        model = cls(args, stage)  # the engine and its cache are built only once the tensors fit the config
+        held = model.stage.tensor_names(args)  # engine name -> file name
+        names: Iterable[str] = list(held)
         if progress is not None:
             names = progress(names)
         put = None
         if model.backend == "rust" and dtype not in ("f32", "float32"):
             def put(engine, name: str) -> bool:
-                if len(expected[name]) != 2:
+                stored = held[name]
+                if len(expected[stored]) != 2:
                     return False  # vectors go in as checked float32
-                if ckpt.load_into is not None and ckpt.load_into(engine, name, dtype, allow_non_finite):
+                if ckpt.load_into is not None and ckpt.load_into(engine, stored, dtype, allow_non_finite, name):
                     return True
                 if dtype in ("q8_0", "q4_0"):
-                    engine.set_weight(name, _weight(ckpt.load(name), name, allow_non_finite), dtype)
+                    engine.set_weight(name, _weight(ckpt.load(stored), stored, allow_non_finite), dtype)
                     return True
                 return False
-        model._install(((n, lambda n=n: ckpt.load(n)) for n in names), allow_non_finite, put)
+        model._install(((n, lambda n=n: ckpt.load(held[n])) for n in names), allow_non_finite, put)
         model.dtype = dtype if model.backend == "rust" else "f32"
         if ckpt.format == "gguf":
             model._gguf_metadata = ckpt.contents.metadata  # for Llama's tokenizer, taken once
@@ -333,6 +350,12 @@ class Transformer:
         if not self.weights_loaded:
             raise ValueError("the model has no weights: call load_state_dict or use Transformer.from_pretrained")
 
+    def _require_whole(self, what: str) -> None:
+        if not self.stage.is_whole:
+            s = self.stage
+            raise ValueError(f"{what} needs the whole model; this is a pipeline stage of layers {s.first}..{s.stop - 1} "
+                             "(run it with step, or use ellm.distributed.PipelineModel)")
+
     def _check_tokens(self, tokens: np.ndarray, start_pos: int) -> None:
         a = self.model_args
         self._require_weights()
@@ -362,6 +385,7 @@ class Transformer:
         """Logits `[batch, seq, vocab]` (float32) of every position; sequence b's tokens sit at
         positions start_pos.. and the KV cache keeps them for later calls."""
         tokens = as_token_array(sequences)
+        self._require_whole("forward")
         with self._exclusive():
             self._claim_rows(len(tokens))
             return self._step(tokens, start_pos, all_logits=True)
@@ -380,8 +404,18 @@ class Transformer:
         slot `slots[r]` at position `positions[r]`. Decode tokens of some slots and prompt chunks of
         others go through the weights together. A slot's rows are adjacent, at consecutive positions
         starting at or before `slot_length(slot)` (a step may rewrite a slot's tail). Returns the
-        logits `[rows where logits[r], vocab]` (default: every row)."""
-        tokens = _index_array(tokens, "tokens")
+        logits `[rows where logits[r], vocab]` (default: every row).
+
+        A pipeline stage after the first takes, instead of token ids, the hidden states `[rows,
+        hidden_size]` the stage before returned; a stage before the last returns the hidden states
+        of every row."""
+        if self.stage.embeds:
+            tokens = _index_array(tokens, "tokens")
+        else:
+            tokens = np.ascontiguousarray(_as_float32(tokens, "hidden states"))
+            if tokens.ndim != 2:
+                raise ValueError(f"this stage takes hidden states [rows, {self.model_args.hidden_size}], "
+                                 f"got shape {tokens.shape}")
         wanted = np.ones(len(tokens), bool) if logits is None else np.asarray(logits, dtype=bool).reshape(-1)
         self._require_weights()
         hook, names = self._hook_args()
@@ -459,7 +493,7 @@ class Transformer:
         (always "F32" on the NumPy backend, which computes in f32)."""
         if self.backend == "rust":
             return dict(self._engine.weight_types())
-        return {n: "F32" for n, s in self.model_args.expected_shapes().items() if len(s) == 2}
+        return {n: "F32" for n, s in self.stage.expected_shapes(self.model_args).items() if len(s) == 2}
 
     def reset_cache(self) -> None:
         """Empty every KV slot."""
@@ -529,6 +563,7 @@ class Transformer:
 
     def _generate_steps(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, seed, stop_tokens,
                         repetition_penalty):
+        self._require_whole("generate")
         a = self.model_args
         prompts = [_prompt_ids(p) for p in prompt_tokens]
         if not prompts or any(len(p) == 0 for p in prompts):

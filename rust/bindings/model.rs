@@ -19,7 +19,7 @@ use crate::kernels::pool;
 use crate::kernels::quant::matrix::SharedBytes;
 use crate::kernels::rope::RopeScaling;
 use crate::model::weights::{unpermute_map, KeepAs, Matrix, StoredTensor};
-use crate::model::{Batch, Hooks, Llama, LlamaConfig, LogitsWanted};
+use crate::model::{Batch, Hooks, Input, Llama, LlamaConfig, LogitsWanted};
 
 #[pyclass(module = "ellm._lowlevel")]
 struct LlamaEngine {
@@ -34,6 +34,14 @@ fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyR
             let e: PyErr = e.into();
             PyValueError::new_err(format!("engine config {key:?}: {e}"))
         })
+}
+
+fn get_or<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str, default: T) -> PyResult<T> {
+    if d.contains(key)? {
+        get(d, key)
+    } else {
+        Ok(default)
+    }
 }
 
 fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
@@ -60,6 +68,9 @@ fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
         max_seq_len: get(d, "max_seq_len")?,
         max_batch_size: get(d, "max_batch_size")?,
         tensors: get(d, "tensors")?,
+        layer_offset: get_or(d, "layer_offset", 0)?,
+        embeds_tokens: get_or(d, "embeds_tokens", true)?,
+        computes_logits: get_or(d, "computes_logits", true)?,
     })
 }
 
@@ -255,23 +266,41 @@ impl LlamaEngine {
         to_array(py, logits, &out_shape)
     }
 
-    /// One ragged step: row r is `tokens[r]` of KV slot `slots[r]` at `positions[r]`; returns the
-    /// logits `[rows where logits, vocab]`. A slot's rows are adjacent, at consecutive positions
-    /// starting at or before the slot's length.
-    #[pyo3(signature = (tokens, slots, positions, logits, hook=None, hook_names=None))]
+    /// One ragged step: row r is `inputs[r]` (a token id, or for a later pipeline stage a row of
+    /// hidden states `[rows, hidden_size]` float32) of KV slot `slots[r]` at `positions[r]`; returns
+    /// the logits `[rows where logits, vocab]` (a stage before the last: the hidden states of every
+    /// row). A slot's rows are adjacent, at consecutive positions starting at or before the slot's
+    /// length.
+    #[pyo3(signature = (inputs, slots, positions, logits, hook=None, hook_names=None))]
     #[allow(clippy::too_many_arguments)]
     fn step<'py>(
         &mut self,
         py: Python<'py>,
-        tokens: PyReadonlyArray1<'py, i64>,
+        inputs: &Bound<'py, PyAny>,
         slots: PyReadonlyArray1<'py, i64>,
         positions: PyReadonlyArray1<'py, i64>,
         logits: PyReadonlyArray1<'py, bool>,
         hook: Option<Py<PyAny>>,
         hook_names: Option<HashSet<String>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let vocab = self.model.config.vocab_size;
-        let ids = token_ids(tokens.as_array().iter().copied(), vocab)?;
+        let c = &self.model.config;
+        let (vocab, hidden, last) = (c.vocab_size, c.hidden_size, c.computes_logits);
+        let given_ids = inputs.extract::<PyReadonlyArray1<'py, i64>>().ok();
+        let (ids, states): (Vec<u32>, Vec<f32>) = if let Some(tokens) = &given_ids {
+            (token_ids(tokens.as_array().iter().copied(), vocab)?, Vec::new())
+        } else if let Ok(states) = inputs.extract::<PyReadonlyArray2<'py, f32>>() {
+            if states.shape()[1] != hidden {
+                return Err(PyValueError::new_err(format!(
+                    "hidden states must be [rows, {hidden}], got {:?}",
+                    states.shape()
+                )));
+            }
+            (Vec::new(), states.as_array().iter().copied().collect())
+        } else {
+            return Err(PyValueError::new_err(
+                "inputs must be a 1-d int64 array of token ids or a 2-d float32 array of hidden states",
+            ));
+        };
         let index = |name: &str, a: &PyReadonlyArray1<'py, i64>| -> PyResult<Vec<usize>> {
             a.as_array()
                 .iter()
@@ -281,11 +310,17 @@ impl LlamaEngine {
         let (slots, positions) = (index("slots", &slots)?, index("positions", &positions)?);
         let wanted: Vec<bool> = logits.as_array().iter().copied().collect();
         let n_wanted = wanted.iter().filter(|&&w| w).count();
+        let (rows, tokens_given) = (slots.len(), given_ids.is_some());
         let out = run_on_pool(py, &mut self.model, hook, hook_names, |model, hooks| {
-            let batch = Batch { tokens: &ids, slots: &slots, positions: &positions, logits: &wanted };
+            let input = if tokens_given { Input::Tokens(&ids) } else { Input::Hidden(&states) };
+            let batch = Batch { input, slots: &slots, positions: &positions, logits: &wanted };
             model.step(&batch, Some(hooks))
         })?;
-        to_array(py, out, &[n_wanted, vocab])
+        if last {
+            to_array(py, out, &[n_wanted, vocab])
+        } else {
+            to_array(py, out, &[rows, hidden])
+        }
     }
 
     /// Number of KV slots (max_batch_size).

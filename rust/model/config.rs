@@ -27,8 +27,15 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub max_seq_len: usize,
     pub max_batch_size: usize,
-    /// Every tensor of the model by Hugging Face name, with its shape.
+    /// Every tensor this engine holds by Hugging Face name (a stage's layers renumbered from 0),
+    /// with its shape.
     pub tensors: Vec<(String, Vec<usize>)>,
+    /// A pipeline stage's place in the model: the model's index of its first layer (hook names use
+    /// it), whether it embeds token ids (else it takes hidden states), and whether it applies the
+    /// final norm and the head (else it returns hidden states). The whole model is one stage.
+    pub layer_offset: usize,
+    pub embeds_tokens: bool,
+    pub computes_logits: bool,
 }
 
 impl LlamaConfig {

@@ -11,6 +11,10 @@
 //! the weights. Activations are row-major `[rows, features]`; only attention looks at which slot
 //! a row belongs to. Named hook points let a caller look at the intermediate tensors; with no
 //! hooks nothing is formatted or copied.
+//!
+//! A model split over machines runs as pipeline stages: each holds a range of layers, the first
+//! also the embedding, the last also the final norm and the head. A stage after the first takes
+//! the hidden states its predecessor returned instead of token ids.
 
 use super::config::LlamaConfig;
 use super::kv_cache::{KvCache, Span};
@@ -36,11 +40,19 @@ pub enum LogitsWanted {
     Last,
 }
 
-/// One step's rows: row r is `tokens[r]` of sequence `slots[r]` at position `positions[r]`, and
-/// its logits are returned where `logits[r]`. A slot's rows are adjacent, at consecutive
+/// What a step's rows carry in: token ids, or (a later pipeline stage) the hidden states
+/// `[rows, hidden_size]` the stage before returned.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    Tokens(&'a [u32]),
+    Hidden(&'a [f32]),
+}
+
+/// One step's rows: row r is `input`'s row r, of sequence `slots[r]` at position `positions[r]`,
+/// and its logits are returned where `logits[r]`. A slot's rows are adjacent, at consecutive
 /// positions, starting at or before the slot's length (a step may rewrite a slot's tail).
 pub struct Batch<'a> {
-    pub tokens: &'a [u32],
+    pub input: Input<'a>,
     pub slots: &'a [usize],
     pub positions: &'a [usize],
     pub logits: &'a [bool],
@@ -191,6 +203,9 @@ impl Llama {
         wanted: LogitsWanted,
         hooks: Option<&mut dyn Hooks>,
     ) -> Result<Vec<f32>> {
+        if !(self.config.embeds_tokens && self.config.computes_logits) {
+            return Err(EllmError::Value("a pipeline stage runs ragged steps only, not forward".into()));
+        }
         if tokens.len() != batch * seq || seq == 0 || batch == 0 {
             return Err(EllmError::Value(format!(
                 "tokens must be [batch, seq] with both > 0, got {} ids for {batch}x{seq}",
@@ -204,15 +219,16 @@ impl Llama {
         let slots: Vec<usize> = (0..rows).map(|r| r / seq).collect();
         let positions: Vec<usize> = (0..rows).map(|r| start_pos + r % seq).collect();
         let logits: Vec<bool> = (0..rows).map(|r| wanted == LogitsWanted::All || r % seq == seq - 1).collect();
-        let batch_rows = Batch { tokens, slots: &slots, positions: &positions, logits: &logits };
+        let batch_rows = Batch { input: Input::Tokens(tokens), slots: &slots, positions: &positions, logits: &logits };
         let logits_lead = if wanted == LogitsWanted::All { [batch, seq] } else { [batch, 1] };
         self.run(&batch_rows, [batch, seq], logits_lead, hooks)
     }
 
-    /// One step over a ragged batch: logits `[rows asked for, vocab]`, in row order. A step that
-    /// fails (bad rows, a hook's error, an interrupt) leaves the cache as it was before it.
+    /// One step over a ragged batch: logits `[rows asked for, vocab]`, in row order (a stage
+    /// before the last: the hidden states `[rows, hidden_size]` of every row). A step that fails
+    /// (bad rows, a hook's error, an interrupt) leaves the cache as it was before it.
     pub fn step(&mut self, batch: &Batch, hooks: Option<&mut dyn Hooks>) -> Result<Vec<f32>> {
-        let (n, wanted) = (batch.tokens.len(), batch.logits.iter().filter(|&&w| w).count());
+        let (n, wanted) = (self.rows(batch), batch.logits.iter().filter(|&&w| w).count());
         self.run(batch, [1, n], [1, wanted], hooks)
     }
 
@@ -235,9 +251,43 @@ impl Llama {
         result
     }
 
+    fn rows(&self, batch: &Batch) -> usize {
+        match batch.input {
+            Input::Tokens(t) => t.len(),
+            Input::Hidden(x) => x.len() / self.config.hidden_size,
+        }
+    }
+
     /// Check a batch and split it into its slots' runs of rows.
     fn runs(&self, batch: &Batch) -> Result<Vec<Run>> {
-        let (c, n) = (&self.config, batch.tokens.len());
+        let (c, n) = (&self.config, self.rows(batch));
+        match batch.input {
+            Input::Tokens(_) if !c.embeds_tokens => {
+                return Err(EllmError::Value(format!(
+                    "this pipeline stage starts at layer {}: it takes hidden states, not token ids",
+                    c.layer_offset
+                )))
+            }
+            Input::Hidden(_) if c.embeds_tokens => {
+                return Err(EllmError::Value("this model embeds token ids itself: give it token ids".into()))
+            }
+            Input::Hidden(x) if !x.len().is_multiple_of(c.hidden_size) => {
+                return Err(EllmError::Value(format!(
+                    "hidden states must be [rows, {}], got {} values",
+                    c.hidden_size,
+                    x.len()
+                )))
+            }
+            Input::Tokens(tokens) => {
+                if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                    return Err(EllmError::Value(format!(
+                        "token id {bad} is out of range for vocab_size {}",
+                        c.vocab_size
+                    )));
+                }
+            }
+            Input::Hidden(_) => {}
+        }
         if n == 0 || [batch.slots.len(), batch.positions.len(), batch.logits.len()] != [n; 3] {
             return Err(EllmError::Value(format!(
                 "a batch needs one slot, position and logits flag per token, and at least one token: got {n} tokens, \
@@ -246,9 +296,6 @@ impl Llama {
                 batch.positions.len(),
                 batch.logits.len()
             )));
-        }
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EllmError::Value(format!("token id {bad} is out of range for vocab_size {}", c.vocab_size)));
         }
         let mut runs: Vec<Run> = Vec::new();
         for r in 0..n {
@@ -287,20 +334,29 @@ impl Llama {
 
     fn decode(&mut self, batch: &Batch, runs: &[Run], tap: &mut Tap) -> Result<Vec<f32>> {
         let c = self.config.clone();
-        let (h, rows) = (c.hidden_size, batch.tokens.len());
+        let (h, rows) = (c.hidden_size, self.rows(batch));
 
-        let embed = self.weights.embed_tokens.as_ref().expect("checked");
-        let mut x = vec![0.0; rows * h];
-        for (&t, row) in batch.tokens.iter().zip(x.chunks_exact_mut(h)) {
-            embed.embed_row(t as usize, row);
-        }
-        tap.emit(-1, "embed_tokens", &x, &[h])?;
+        let mut x = match batch.input {
+            Input::Tokens(tokens) => {
+                let embed = self.weights.embed_tokens.as_ref().expect("checked");
+                let mut x = vec![0.0; rows * h];
+                for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+                    embed.embed_row(t as usize, row);
+                }
+                tap.emit(-1, "embed_tokens", &x, &[h])?;
+                x
+            }
+            Input::Hidden(hidden) => hidden.to_vec(),
+        };
 
         for l in 0..c.num_layers {
             x = self.layer(l, x, batch.positions, runs, tap)?;
             if let Some(h) = tap.hooks.as_deref_mut() {
                 h.interrupted()?;
             }
+        }
+        if !c.computes_logits {
+            return Ok(x);
         }
 
         let x = rms_norm(&x, &self.weights.norm, c.rms_norm_eps);
@@ -321,7 +377,7 @@ impl Llama {
     fn layer(&mut self, l: usize, mut x: Vec<f32>, positions: &[usize], runs: &[Run], tap: &mut Tap) -> Result<Vec<f32>> {
         let c = &self.config;
         let (d, rows, half) = (c.head_dim, positions.len(), c.head_dim / 2);
-        let li = l as i32;
+        let li = (l + c.layer_offset) as i32;
         let w = &self.weights.layers[l];
 
         // Attention block.

@@ -6,4 +6,4 @@ pub mod llama;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use llama::{Batch, Hooks, Llama, LogitsWanted};
+pub use llama::{Batch, Hooks, Input, Llama, LogitsWanted};

@@ -2,7 +2,8 @@
 
 It has the Rust engine's interface (`set_weight`, `check_loaded`, `reset_cache`, `forward`, the
 ragged `step` over KV slots and the slot operations) and fires the same hook points with the same
-shapes.
+shapes. Built for a pipeline `Stage`, it holds that stage's layers only and its steps take or
+return hidden states where the stage does.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ import numpy as np
 
 from ..config import ModelArgs
 from ..ops import rope_scaling_params
+from ..stage import Stage
 from . import kernels as K
 
 
 class NumpyLlama:
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, stage: Stage | None = None) -> None:
         self.args = args
-        self.expected = args.expected_shapes()
+        self.stage = stage or Stage.whole(args)
+        self.expected = self.stage.expected_shapes(args)
         self.weights: dict[str, np.ndarray] = {}
         self.head_dim = args.resolved_head_dim
         kind, params = rope_scaling_params(args.rope_scaling)
         self.inv_freq = K.inv_freq(self.head_dim, args.rope_theta, kind, params)
-        self.windows = args.layer_windows()
+        self.windows = self.stage.layer_windows(args)
         # one slot per sequence: [layers, slots, kv_heads, max_seq_len, head_dim]
-        shape = (args.num_hidden_layers, args.max_batch_size, args.num_key_value_heads, args.max_seq_len, self.head_dim)
+        shape = (self.stage.num_layers, args.max_batch_size, args.num_key_value_heads, args.max_seq_len, self.head_dim)
         self.cache_k = np.zeros(shape, dtype=np.float32)
         self.cache_v = np.zeros(shape, dtype=np.float32)
         self.filled = [0] * args.max_batch_size  # per slot: every position at or past it holds zeros
@@ -81,6 +84,8 @@ class NumpyLlama:
     def forward(self, tokens: np.ndarray, start_pos: int, all_logits: bool,
                 hook: Callable | None = None, hook_names: set[str] | None = None) -> np.ndarray:
         """Meta's forward: `[batch, seq]` tokens, sequence b in slot b at start_pos.."""
+        if not self.stage.is_whole:
+            raise ValueError("a pipeline stage runs ragged steps only, not forward")
         batch, seq = tokens.shape
         rows = np.arange(batch * seq)
         wanted = np.ones(rows.size, bool) if all_logits else rows % seq == seq - 1
@@ -88,20 +93,30 @@ class NumpyLlama:
                            (batch, seq) if all_logits else (batch, 1), hook, hook_names)
         return logits.reshape(batch, seq, -1) if all_logits else logits
 
-    def step(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray, logits: np.ndarray,
+    def step(self, inputs: np.ndarray, slots: np.ndarray, positions: np.ndarray, logits: np.ndarray,
              hook: Callable | None = None, hook_names: set[str] | None = None) -> np.ndarray:
-        """One ragged step (the Rust engine's `step`): logits `[rows where logits, vocab]`."""
+        """One ragged step (the Rust engine's `step`): `inputs` are token ids, or a later stage's hidden
+        states `[rows, hidden]`; returns logits `[rows where logits, vocab]`, or a stage before the
+        last the hidden states of every row."""
         logits = np.asarray(logits, dtype=bool)
-        return self._run(np.asarray(tokens), np.asarray(slots), np.asarray(positions), logits,
-                         (1, len(tokens)), (1, int(logits.sum())), hook, hook_names)
+        inputs = np.asarray(inputs)
+        return self._run(inputs, np.asarray(slots), np.asarray(positions), logits,
+                         (1, len(inputs)), (1, int(logits.sum())), hook, hook_names)
 
-    def _runs(self, tokens, slots, positions, wanted) -> list[tuple[int, int, int, int]]:
+    def _runs(self, inputs, slots, positions, wanted) -> list[tuple[int, int, int, int]]:
         """Check a batch and split it into (slot, first row, end row, first position) runs."""
-        a, n = self.args, len(tokens)
+        a, n = self.args, len(inputs)
+        hidden = inputs.ndim == 2
+        if hidden == self.stage.embeds:
+            raise ValueError("this model embeds token ids itself: give it token ids" if self.stage.embeds else
+                             f"this pipeline stage starts at layer {self.stage.first}: it takes hidden states, "
+                             "not token ids")
+        if hidden and inputs.shape[1] != a.hidden_size:
+            raise ValueError(f"hidden states must be [rows, {a.hidden_size}], got {list(inputs.shape)}")
         if n == 0 or not len(slots) == len(positions) == len(wanted) == n:
             raise ValueError(f"a batch needs one slot, position and logits flag per token, and at least one token: "
                              f"got {n} tokens, {len(slots)} slots, {len(positions)} positions, {len(wanted)} flags")
-        bad = [int(t) for t in tokens if not 0 <= t < a.vocab_size]
+        bad = [] if hidden else [int(t) for t in inputs if not 0 <= t < a.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range for vocab_size {a.vocab_size}")
         runs: list[list[int]] = []
@@ -139,18 +154,23 @@ class NumpyLlama:
                 self.cache_k[:, slot, :, start:end], self.cache_v[:, slot, :, start:end] = keys, values
             raise
 
-    def _decode(self, tokens, positions, wanted, runs, lead, logits_lead, hook, hook_names):
+    def _decode(self, inputs, positions, wanted, runs, lead, logits_lead, hook, hook_names):
         a, w = self.args, self.weights
 
         def emit(name: str, layer: int, x: np.ndarray, inner: tuple[int, ...], shape=lead) -> None:
             if hook is not None and hook_names and name in hook_names:
                 hook(name, np.array(x, dtype=np.float32).reshape(shape[0], -1, *inner), layer)
 
-        x = w["model.embed_tokens.weight"][tokens]  # [rows, hidden]
-        emit("embed_tokens", -1, x, (a.hidden_size,))
+        if self.stage.embeds:
+            x = w["model.embed_tokens.weight"][inputs]  # [rows, hidden]
+            emit("embed_tokens", -1, x, (a.hidden_size,))
+        else:
+            x = inputs.astype(np.float32)
         cos, sin = K.rope_cos_sin(positions, self.inv_freq)
-        for layer in range(a.num_hidden_layers):
+        for layer in range(self.stage.num_layers):
             x = self._layer(layer, x, runs, cos, sin, emit)
+        if not self.stage.heads:
+            return x
 
         x = K.rms_norm(x, w["model.norm.weight"], a.rms_norm_eps)
         emit("final_norm", -1, x, (a.hidden_size,))
@@ -164,27 +184,28 @@ class NumpyLlama:
         p = f"model.layers.{i}."
         w = lambda name: self.weights[p + name]  # noqa: E731
         bias = lambda name: self.weights.get(p + name)  # noqa: E731
-        n = lambda point: f"layer{i}_{point}"  # noqa: E731
+        layer = i + self.stage.first  # the model's index, which hook names use
+        n = lambda point: f"layer{layer}_{point}"  # noqa: E731
         h = a.hidden_size
 
         # Attention block.
         xn = K.rms_norm(x, w("input_layernorm.weight"), a.rms_norm_eps)
-        emit(n("input_layernorm"), i, xn, (h,))
+        emit(n("input_layernorm"), layer, xn, (h,))
         q = K.linear(xn, w("self_attn.q_proj.weight"), bias("self_attn.q_proj.bias"))
         k = K.linear(xn, w("self_attn.k_proj.weight"), bias("self_attn.k_proj.bias"))
         v = K.linear(xn, w("self_attn.v_proj.weight"), bias("self_attn.v_proj.bias"))
         q = q.reshape(-1, a.num_attention_heads, d)
         k = k.reshape(-1, a.num_key_value_heads, d)
         v = v.reshape(-1, a.num_key_value_heads, d)
-        emit(n("q_after_proj"), i, q, (a.num_attention_heads, d))
-        emit(n("k_after_proj"), i, k, (a.num_key_value_heads, d))
-        emit(n("v_after_proj"), i, v, (a.num_key_value_heads, d))
+        emit(n("q_after_proj"), layer, q, (a.num_attention_heads, d))
+        emit(n("k_after_proj"), layer, k, (a.num_key_value_heads, d))
+        emit(n("v_after_proj"), layer, v, (a.num_key_value_heads, d))
         if a.qk_norm:  # Qwen3: each head of q and k normalized on its own, before rope
             q = K.rms_norm(q, w("self_attn.q_norm.weight"), a.rms_norm_eps)
             k = K.rms_norm(k, w("self_attn.k_norm.weight"), a.rms_norm_eps)
         q, k = K.rotate_half(q, cos, sin), K.rotate_half(k, cos, sin)
-        emit(n("q_after_rope"), i, q, (a.num_attention_heads, d))
-        emit(n("k_after_rope"), i, k, (a.num_key_value_heads, d))
+        emit(n("q_after_rope"), layer, q, (a.num_attention_heads, d))
+        emit(n("k_after_rope"), layer, k, (a.num_key_value_heads, d))
 
         context = np.empty((len(x), a.q_dim()), dtype=np.float32)
         for slot, first, end, pos in runs:  # each sequence attends to its own slot
@@ -196,23 +217,23 @@ class NumpyLlama:
                 q[first:end], self.cache_k[i, slot, :, :last].transpose(1, 0, 2),
                 self.cache_v[i, slot, :, :last].transpose(1, 0, 2), True, pos, 1.0 / np.sqrt(d), self.windows[i],
             ).reshape(end - first, -1)
-        emit(n("attention_context"), i, context, (a.q_dim(),))
+        emit(n("attention_context"), layer, context, (a.q_dim(),))
         attn_out = K.linear(context, w("self_attn.o_proj.weight"), bias("self_attn.o_proj.bias"))
-        emit(n("attention_output"), i, attn_out, (h,))
+        emit(n("attention_output"), layer, attn_out, (h,))
         x = x + attn_out
-        emit(n("after_attention_residual"), i, x, (h,))
+        emit(n("after_attention_residual"), layer, x, (h,))
 
         # MLP block.
         xn = K.rms_norm(x, w("post_attention_layernorm.weight"), a.rms_norm_eps)
-        emit(n("post_attention_layernorm"), i, xn, (h,))
+        emit(n("post_attention_layernorm"), layer, xn, (h,))
         gate = K.linear(xn, w("mlp.gate_proj.weight"), bias("mlp.gate_proj.bias"))
         up = K.linear(xn, w("mlp.up_proj.weight"), bias("mlp.up_proj.bias"))
-        emit(n("mlp_gate_proj"), i, gate, (a.intermediate_size,))
-        emit(n("mlp_up_proj"), i, up, (a.intermediate_size,))
+        emit(n("mlp_gate_proj"), layer, gate, (a.intermediate_size,))
+        emit(n("mlp_up_proj"), layer, up, (a.intermediate_size,))
         hidden = K.swiglu(gate, up)
-        emit(n("mlp_intermediate"), i, hidden, (a.intermediate_size,))
+        emit(n("mlp_intermediate"), layer, hidden, (a.intermediate_size,))
         mlp_out = K.linear(hidden, w("mlp.down_proj.weight"), bias("mlp.down_proj.bias"))
-        emit(n("mlp_output"), i, mlp_out, (h,))
+        emit(n("mlp_output"), layer, mlp_out, (h,))
         x = x + mlp_out
-        emit(n("output"), i, x, (h,))
+        emit(n("output"), layer, x, (h,))
         return x

@@ -26,15 +26,16 @@ class TensorInfo:
 class Checkpoint:
     """A model on disk: its config (None where no config came with it), its tensors' headers,
     `load(name)`, which reads one tensor as float32, and `load_into(engine, name, dtype,
-    allow_non_finite)`, which puts one tensor into a Rust engine kept as `dtype` says ("auto": as
-    stored) and returns whether it did."""
+    allow_non_finite, target=None)`, which puts one tensor into a Rust engine (under `target`, a
+    pipeline stage's name for it, where given) kept as `dtype` says ("auto": as stored) and
+    returns whether it did."""
 
     path: str
     args: ModelArgs | None
     tensors: dict[str, TensorInfo]
     load: Callable[[str], np.ndarray]
     format: str         # "safetensors" or "gguf"
-    load_into: Callable[[Any, str, str, bool], bool] | None = None
+    load_into: Callable[..., bool] | None = None
     contents: Any = None  # the opened file, where its reader has more to give (a GGUF's metadata)
 
 

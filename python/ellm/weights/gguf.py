@@ -235,8 +235,9 @@ def open_gguf(path: str) -> Checkpoint:
         heads = heads_to_unpermute(name)
         return np.ascontiguousarray(unpermute_rows(w, heads) if heads else w)
 
-    def load_into(engine, name: str, dtype: str, allow_non_finite: bool = False) -> bool:
-        engine.load_gguf(contents.native, gguf_names[name], name, dtype, heads_to_unpermute(name), allow_non_finite)
+    def load_into(engine, name: str, dtype: str, allow_non_finite: bool = False, target: str | None = None) -> bool:
+        engine.load_gguf(contents.native, gguf_names[name], target or name, dtype, heads_to_unpermute(name),
+                         allow_non_finite)
         return True
 
     return Checkpoint(path=path, args=args, tensors=tensors, load=load, format="gguf",

@@ -129,14 +129,14 @@ def open_safetensors(path: str) -> Checkpoint:
             return (mapped.astype(np.uint32) << 16).view(np.float32).reshape(shape)
         return mapped.astype(np.float32).reshape(shape)
 
-    def load_into(engine, name: str, dtype: str, allow_non_finite: bool = False) -> bool:
+    def load_into(engine, name: str, dtype: str, allow_non_finite: bool = False, target: str | None = None) -> bool:
         """Half-precision matrices go into the engine as stored when dtype is "auto"."""
         file, data_start, entry = where[name]
         if dtype != "auto" or entry["dtype"] not in ("F16", "BF16") or len(entry["shape"]) != 2:
             return False
         begin, end = entry["data_offsets"]
         raw = np.memmap(file, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,))
-        engine.set_weight_stored(name, entry["dtype"], tuple(entry["shape"]), raw, "auto", allow_non_finite)
+        engine.set_weight_stored(target or name, entry["dtype"], tuple(entry["shape"]), raw, "auto", allow_non_finite)
         return True
 
     args = None
