@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -119,10 +120,28 @@ def cmd_serve(args) -> int:
         raise EllmError(str(exc)) from None
     if args.slots < 1:
         raise ValueError(f"--slots must be >= 1, got {args.slots}")
-    print(f"ellm: serving {args.model or 'the bundled model'} on http://{args.host}:{args.port}/v1 with {args.slots} "
-          "slots (/health answers 503 until the model is loaded)", file=sys.stderr, flush=True)
-    serve(args.model, host=args.host, port=args.port, slots=args.slots, max_seq_len=args.max_seq_len,
-          dtype=args.dtype, api_key=args.api_key, max_queue=args.max_queue, log_level=args.log_level)
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas is not None and args.ray_plan is not None:
+        raise ValueError("--replicas and --ray-plan are two ways to use Ray; choose one")
+    how = (f"{args.replicas} replicas on Ray Serve, {args.slots} slots each" if args.replicas is not None else
+           f"{args.slots} slots, pipelined over Ray by {args.ray_plan}" if args.ray_plan else f"{args.slots} slots")
+    print(f"ellm: serving {args.model or 'the bundled model'} on http://{args.host}:{args.port}/v1 with {how} "
+          "(/health answers 503 until the model is loaded)", file=sys.stderr, flush=True)
+    options = dict(slots=args.slots, max_seq_len=args.max_seq_len, dtype=args.dtype, api_key=args.api_key,
+                   max_queue=args.max_queue)
+    if args.replicas is not None:
+        try:
+            from .distributed.replicas import serve_replicas
+        except ImportError as exc:
+            raise EllmError(str(exc)) from None
+        serve_replicas(args.model, replicas=args.replicas, host=args.host, port=args.port,
+                       ray_address=args.ray_address, **options)
+        return 0
+    if args.ray_plan is not None and not os.path.isfile(args.ray_plan):
+        raise FileNotFoundError(f"no partition plan at {args.ray_plan} (write one with ellm metadata --nodes ... --out)")
+    serve(args.model, host=args.host, port=args.port, log_level=args.log_level, ray_plan=args.ray_plan,
+          ray_address=args.ray_address, **options)
     return 0
 
 
@@ -252,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seq-len", type=int, default=2048, help="context length of each slot (default 2048)")
     s.add_argument("--dtype", default="auto", choices=["auto", "f32", "q8_0", "q4_0"])
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--ray-plan", metavar="PLAN.json",
+                   help="split the model into pipeline stages over Ray nodes by this partition plan "
+                        "(ellm metadata --nodes ... --out PLAN.json; needs ellm[ray])")
+    s.add_argument("--replicas", type=int, help="serve N engine replicas behind one endpoint on Ray Serve "
+                                                "(needs ellm[ray])")
+    s.add_argument("--ray-address", help="the Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     s.set_defaults(run=cmd_serve)
 
     i = sub.add_parser("info", help="describe a model")

@@ -20,3 +20,8 @@ class BackendWarning(UserWarning):
 class ModelBusyError(EllmError, RuntimeError):
     """A model asked to run while the same thread is already running it: a second generation
     interleaved with an unfinished one, or a call from inside one of its own hooks."""
+
+
+class StageFailedError(EllmError, RuntimeError):
+    """A pipeline stage of a model split over machines died or stopped answering; the model cannot
+    run again (its other stages' KV caches no longer match)."""

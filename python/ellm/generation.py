@@ -62,14 +62,20 @@ class Llama:
 
     def __init__(self, model_path: str | os.PathLike | None = None, tokenizer_path: str | os.PathLike | None = None,
                  max_seq_len: int = 2048, max_batch_size: int = 4, seed: int = 1,
-                 progress: Callable | None = None, dtype: str = "auto") -> None:
+                 progress: Callable | None = None, dtype: str = "auto", model: Transformer | None = None) -> None:
         path = os.fspath(model_path) if model_path is not None else bundled_model_path()
         if not os.path.exists(path):
             raise FileNotFoundError(f"no model at {path}")
         self.model_path = path
-        self.model = Transformer.from_pretrained(path, dtype=dtype, max_seq_len=max_seq_len,
-                                                 max_batch_size=max_batch_size, progress=progress)
+        if model is None:
+            model = Transformer.from_pretrained(path, dtype=dtype, max_seq_len=max_seq_len,
+                                                max_batch_size=max_batch_size, progress=progress)
+        elif not isinstance(model, Transformer):
+            raise TypeError(f"model must be a Transformer (or a PipelineModel), got {type(model).__name__}")
+        self.model = model
         gguf_metadata, self.model._gguf_metadata = self.model._gguf_metadata, None
+        if tokenizer_path is None and gguf_metadata is None and path.endswith(".gguf"):
+            tokenizer_path = path  # a model built elsewhere (a pipeline's stages) from this file
         if tokenizer_path is not None:
             tokenizer_path = os.fspath(tokenizer_path)
             self.tokenizer = (Tokenizer.from_gguf(tokenizer_path) if tokenizer_path.endswith(".gguf")

@@ -215,13 +215,19 @@ class Transformer:
         """Load Hugging Face-named tensors (NumPy arrays, torch tensors, anything with __array__).
         With strict=False a subset updates only those tensors. A tensor holding NaN or infinite
         values is refused with its name unless allow_non_finite. On any error the previous weights
-        stay in place."""
+        stay in place. A pipeline stage takes the whole model's state dict and keeps its own tensors."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
-        self._require_whole("load_state_dict")
         expected = self.model_args.expected_shapes()
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
+        if not self.stage.is_whole:
+            if missing and not strict:
+                raise ValueError("a pipeline stage loads a whole state dict (strict); update its tensors with another "
+                                 "stage built from the new weights")
+            held = self.stage.tensor_names(self.model_args)  # stage name -> model name
+            state_dict = {local: state_dict[name] for local, name in held.items() if name in state_dict}
+            expected = {local: expected[name] for local, name in held.items()}
         if strict and (missing or unexpected):
             parts = []
             if missing:

@@ -59,6 +59,7 @@ def count_blocks(headers: list[TensorHeader], batch: int, seq: int) -> list[Bloc
         params = sum(_params(t.shape) for t in tensors)
         weight_bytes = sum(t.nbytes for t in tensors)
         bytes_read = weight_bytes
+        shared = 0
         flops_prefill = flops_decode = kv_bytes = 0
         if name.startswith("layers."):
             matrix_flops = sum(2 * _params(t.shape) for t in tensors if len(t.shape) == 2)
@@ -71,6 +72,7 @@ def count_blocks(headers: list[TensorHeader], batch: int, seq: int) -> list[Bloc
             if head is None and not has_head_matrix and embedding is not None:
                 head = embedding  # tied: the embedding matrix is the output projection
                 bytes_read += embedding.nbytes
+                shared = embedding.nbytes
             if head is not None:
                 flops_prefill = 2 * _params(head.shape) * batch * seq
                 flops_decode = 2 * _params(head.shape) * batch
@@ -79,7 +81,8 @@ def count_blocks(headers: list[TensorHeader], batch: int, seq: int) -> list[Bloc
                                     flops_prefill=flops_prefill, flops_decode=flops_decode,
                                     kv_cache_bytes=kv_bytes,
                                     arithmetic_intensity_prefill=flops_prefill / moved,
-                                    arithmetic_intensity_decode=flops_decode / moved))
+                                    arithmetic_intensity_decode=flops_decode / moved,
+                                    shared_weight_bytes=shared))
     return blocks
 
 

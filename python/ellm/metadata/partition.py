@@ -64,9 +64,13 @@ def plan_partition(metadata: ModelMetadata, nodes: list[dict], mode: str = "deco
         prefix_t.append(prefix_t[-1] + t)
         prefix_m.append(prefix_m[-1] + m)
 
+    def shared(i: int, j: int) -> int:
+        """A tied head's embedding, held a second time by a range with the head and not the embedding."""
+        return sum(b.shared_weight_bytes for b in blocks[i:j]) if i > 0 else 0
+
     def cost(node: int, i: int, j: int) -> float:  # blocks i..j-1 on node `node`
         limit = specs[node]["memory"]
-        if limit is not None and prefix_m[j] - prefix_m[i] > limit:
+        if limit is not None and prefix_m[j] - prefix_m[i] + shared(i, j) > limit:
             return float("inf")
         return (prefix_t[j] - prefix_t[i]) / specs[node]["speed"]
 
@@ -98,7 +102,7 @@ def plan_partition(metadata: ModelMetadata, nodes: list[dict], mode: str = "deco
     for spec, (i, j) in zip(specs, ranges):
         plan.nodes.append(NodeAssignment(
             node_id=spec["node_id"], blocks=[b.name for b in blocks[i:j]],
-            weight_bytes=sum(b.weight_bytes for b in blocks[i:j]),
+            weight_bytes=sum(b.weight_bytes for b in blocks[i:j]) + shared(i, j),
             kv_cache_bytes=sum(b.kv_cache_bytes for b in blocks[i:j]),
             memory_bytes=spec["memory"], estimated_seconds=(prefix_t[j] - prefix_t[i]) / spec["speed"]))
     return plan

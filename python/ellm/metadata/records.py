@@ -32,6 +32,9 @@ class BlockMetadata:
     kv_cache_bytes: int
     arithmetic_intensity_prefill: float
     arithmetic_intensity_decode: float
+    # Bytes of another block's tensors this one needs too: a tied head multiplies by the embedding
+    # matrix, so a node holding the head without the embedding holds a copy of it.
+    shared_weight_bytes: int = 0
 
 
 @dataclass

@@ -212,11 +212,11 @@ class Call:
 class OpenAIServing:
     """The engine, the tokenizer and the model's name, as the OpenAI calls use them."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str) -> None:
+    def __init__(self, engine: Engine, tokenizer, model_name: str, fingerprint: str = "ellm-0.1.0") -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.fingerprint = "ellm-0.1.0"
+        self.fingerprint = fingerprint  # which server answered (each Ray Serve replica has its own)
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)

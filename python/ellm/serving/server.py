@@ -112,6 +112,11 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
             return error_response(503, "the engine stopped", "server_error", code="engine_stopped")
         return None
 
+    def model_problem() -> str | None:
+        """A model on other processes (a Ray pipeline's stages) may have lost one."""
+        check = getattr(state.serving.engine.model, "check_health", None)
+        return check() if check is not None else None
+
     # Checked in each /v1/ handler: an HTTP middleware (BaseHTTPMiddleware) would wrap `receive`, and
     # then no handler could see a client disconnect (request.is_disconnected() stays False).
     def refused(request: Request) -> JSONResponse | None:
@@ -122,6 +127,10 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
     @app.get("/health")
     async def health():
         problem = unavailable()
+        if problem is None:
+            broken = await asyncio.to_thread(model_problem)
+            if broken is not None:
+                problem = error_response(503, f"the model cannot run: {broken}", "server_error", code="model_failed")
         return problem or {"status": "ok"}
 
     @app.get("/v1/models")
@@ -234,16 +243,39 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
     return app
 
 
-def serve(model_path: str | None, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 4,
-          max_seq_len: int = 2048, dtype: str = "auto", api_key: str | None = None, max_queue: int = 64,
-          log_level: str = "info") -> None:
-    """Load the model (the bundled one when None) and serve it until interrupted."""
-    import uvicorn
-
-    from ..generation import Llama
+def serving_loader(model_path: str | None, *, slots: int = 4, max_seq_len: int = 2048, dtype: str = "auto",
+                   max_queue: int = 64, ray_plan: Any = None, ray_address: str | None = None,
+                   fingerprint: str | None = None) -> Callable[[], OpenAIServing]:
+    """What `create_app` runs to load the model (the bundled one when None): in this process, or
+    with `ray_plan` split into pipeline stages on Ray (`ellm.distributed.PipelineModel`)."""
 
     def load() -> OpenAIServing:
-        llm = Llama(model_path, max_seq_len=max_seq_len, max_batch_size=slots, dtype=dtype)
-        return llm.serving(max_queue=max_queue)
+        from .._bundled import bundled_model_path
+        from ..generation import Llama
 
+        path = model_path or bundled_model_path()
+        model = None
+        if ray_plan is not None:
+            from ..distributed import PipelineModel
+
+            model = PipelineModel.from_pretrained(path, ray_plan, dtype=dtype, max_seq_len=max_seq_len,
+                                                  max_batch_size=slots, address=ray_address)
+        llm = Llama(path, max_seq_len=max_seq_len, max_batch_size=slots, dtype=dtype, model=model)
+        serving = llm.serving(max_queue=max_queue)
+        if fingerprint is not None:
+            serving.fingerprint = fingerprint
+        return serving
+
+    return load
+
+
+def serve(model_path: str | None, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 4,
+          max_seq_len: int = 2048, dtype: str = "auto", api_key: str | None = None, max_queue: int = 64,
+          log_level: str = "info", ray_plan: Any = None, ray_address: str | None = None) -> None:
+    """Load the model (the bundled one when None; split over Ray nodes by `ray_plan`) and serve it
+    until interrupted."""
+    import uvicorn
+
+    load = serving_loader(model_path, slots=slots, max_seq_len=max_seq_len, dtype=dtype, max_queue=max_queue,
+                          ray_plan=ray_plan, ray_address=ray_address)
     uvicorn.run(create_app(load, api_key=api_key), host=host, port=port, log_level=log_level)
