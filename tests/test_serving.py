@@ -292,3 +292,28 @@ def test_frequency_penalty_curbs_repetition(llm):
         assert plain >= 6 and penalized <= 3  # greedy repeats ' 1' and ',' six times each
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("failing", ["step", "truncate_slot"])
+def test_a_model_that_fails_ends_every_request_with_the_reason(failing):
+    """A model that stops working (a pipeline stage that died, say) fails the requests it was
+    running, the one being admitted included, and every later one; nothing waits forever."""
+    model = tiny("numpy", max_seq_len=64)
+    settings = {"room": 32, "vocab_size": model.model_args.vocab_size}
+    broken = RuntimeError("stage 0 died")
+
+    def fail(*args, **kwargs):
+        raise broken
+
+    setattr(model, failing, fail)
+    engine = Engine(model, None, [], chunk=8)
+    try:
+        request = engine.submit([1, 2, 3], sampling_params(max_tokens=4, **settings))
+        assert request.finished.wait(5), "the request was never told"
+        with pytest.raises(ellm.serving.EngineClosedError, match="stage 0 died"):
+            list(request)
+        assert not engine.alive
+        with pytest.raises(ellm.serving.EngineClosedError, match="stage 0 died"):
+            engine.submit([1, 2], sampling_params(max_tokens=2, **settings))
+    finally:
+        engine.close()

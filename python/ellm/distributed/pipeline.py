@@ -70,7 +70,7 @@ class PipelineEngine:
             try:
                 ray.get(actor.ping.remote(), timeout=timeout)
             except (RayError, GetTimeoutError) as exc:
-                dead.append(f"{_stage_name(i, placement)}: {type(exc).__name__}")
+                dead.append(f"{_stage_name(i, placement)} died ({type(exc).__name__})")
         return dead
 
     def _get(self, refs: list, what: str) -> list:
@@ -81,7 +81,7 @@ class PipelineEngine:
             self.failure = f"{what} took more than {self.step_timeout:.0f} s"
         except RayError as exc:
             dead = self._dead_stages()
-            self.failure = ("; ".join(f"{d} died" for d in dead) if dead else
+            self.failure = ("; ".join(dead) if dead else
                             f"{what} failed in a stage: {getattr(exc, 'cause', None) or exc}")
         raise StageFailedError(f"the pipeline stopped: {self.failure}")
 
@@ -90,7 +90,7 @@ class PipelineEngine:
         if self.failure is None:
             dead = self._dead_stages()
             if dead:
-                self.failure = "; ".join(f"{d} died" for d in dead)
+                self.failure = "; ".join(dead)
         return self.failure
 
     def _all(self, method: str, *args: Any) -> None:

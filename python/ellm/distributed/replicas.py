@@ -26,10 +26,10 @@ class EllmReplica:
         if threads:
             os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the engine's pool starts
         self.name = f"ellm-0.1.0-{socket.gethostname()}-{os.getpid()}"
-        self.app = create_app(serving_loader(model_path, fingerprint=self.name, **options), api_key=api_key)
+        self._ellm_app = create_app(serving_loader(model_path, fingerprint=self.name, **options), api_key=api_key)
 
     def __serve_build_asgi_app__(self):
-        return self.app
+        return self._ellm_app
 
 
 def replica_application(model_path: str | None, *, replicas: int, slots: int = 4, max_seq_len: int = 2048,

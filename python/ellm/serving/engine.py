@@ -257,9 +257,10 @@ class Engine:
                 continue
             self._free.remove(slot)
             self._slot_used[slot] = time.perf_counter()
+            request.slot = slot
+            self._running.append(request)  # first, so a model failing below still tells this request
             self.model.truncate_slot(slot, reuse)
-            request.slot, request.fed = slot, reuse
-            self._running.append(request)
+            request.fed = reuse
 
     def _reusable(self, slot: int, prompt: list[int]) -> int:
         held = self._slot_tokens[slot]

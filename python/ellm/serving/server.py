@@ -109,7 +109,8 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
         if state.serving is None:
             return error_response(503, "the model is still loading", "server_error", code="loading")
         if not state.serving.engine.alive:
-            return error_response(503, "the engine stopped", "server_error", code="engine_stopped")
+            return error_response(503, f"the engine stopped{state.serving.engine._reason()}", "server_error",
+                                  code="engine_stopped")
         return None
 
     def model_problem() -> str | None:
