@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benches/bench_model.py
 	$(PY) benches/bench_optical.py
 	$(PY) benches/bench_serve.py
+	$(PY) benches/bench_distributed.py
 	cargo bench --no-default-features --bench memory_ceiling
 
 # ruff comes from PyPI; no tool binaries live in the repository.

@@ -69,8 +69,13 @@ def pipeline(gguf_path):
 
 
 def test_two_stages_give_the_single_process_logits(cluster, gguf_path, whole):
-    prompts = [[1, 504, 3458, 314, 260, 5560, 282], [1, 22, 33]]
+    rng = np.random.default_rng(7)
+    prompts = [[1] + rng.integers(100, 20000, 23).tolist(), [1, 22, 33] + rng.integers(100, 20000, 9).tolist()]
     with pipeline(gguf_path) as model:
+        # the prompts' 36 rows go through the stages as two micro-batches, one slot each
+        runs = [(0, 0, 24, 0), (1, 24, 36, 0)]
+        assert model._pipeline._micro_batches(runs, 36) == [(0, 24), (24, 36)]
+        assert model._pipeline._micro_batches([(0, 0, 1, 30), (1, 1, 2, 20)], 2) == [(0, 2)]  # decode: one
         assert model.num_stages == 2
         stages = model.stages()
         assert [(s["first_layer"], s["stop_layer"], s["node_id"]) for s in stages] == [(0, HALF, "a"),

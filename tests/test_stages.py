@@ -110,3 +110,32 @@ def test_a_stage_from_the_file_reads_only_its_blocks(gguf_path, args):
     tokens, slots, positions = np.array([1, 504, 3458]), np.zeros(3, int), np.arange(3)
     np.testing.assert_array_equal(last.step(first.step(tokens, slots, positions), slots, positions),
                                   whole.step(tokens, slots, positions))
+
+
+def test_a_partition_plan_becomes_stages_or_a_clear_error(gguf_path, tmp_path, checkpoint):
+    from ellm.distributed.placement import node_resources, placements
+
+    args = checkpoint.args
+    plan = plan_partition(generate_metadata(gguf_path), [{"node_id": "a"}, {"node_id": "b"}])
+    saved = tmp_path / "plan.json"
+    saved.write_text(plan.to_json())
+    got = placements(str(saved), args, gguf_path)
+    assert [p.node_id for p in got] == ["a", "b"]
+    assert got[0].stage.first == 0 and got[0].stage.embeds and not got[0].stage.heads
+    assert got[0].stage.stop == got[1].stage.first and got[1].stage.stop == 30 and got[1].stage.heads
+    assert placements(plan, args, gguf_path) == placements(["a", "b"], args, gguf_path) == got
+    with pytest.raises(ValueError, match="node 'd' has no decoder layers"):
+        placements(["a", "b", "c", "d"], args, gguf_path)
+    gap = {"nodes": [{"node_id": "a", "blocks": ["embed", "layers.0"]},
+                     {"node_id": "b", "blocks": [f"layers.{i}" for i in range(2, 30)] + ["head"]}]}
+    with pytest.raises(ValueError, match="starts at layer 2, expected 1"):
+        placements(gap, args, gguf_path)
+    with pytest.raises(ValueError, match="covers 10 layers, the model has 30"):
+        placements({"nodes": [{"node_id": "a", "blocks": [f"layers.{i}" for i in range(10)]}]}, args, gguf_path)
+    with pytest.raises(FileNotFoundError):
+        placements(str(tmp_path / "missing.json"), args, gguf_path)
+    cluster = {"CPU": 2.0, "a": 1.0, "node:10.0.0.7": 1.0}
+    assert node_resources("a", cluster) == {"a": 0.001}
+    assert node_resources("10.0.0.7", cluster) == {"node:10.0.0.7": 0.001}
+    with pytest.raises(ValueError, match=r"no Ray node is 'b'.*--resources"):
+        node_resources("b", cluster)

@@ -34,6 +34,13 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 # takes seconds; a stage that died is noticed by Ray at once, not by this).
 DEFAULT_STEP_TIMEOUT = 600.0
 
+# Rows a micro-batch needs to be worth its own pass over a stage's weights: a decode step's few rows
+# cost about what one row costs (the weights are read either way), so splitting them loses; a
+# prompt's rows cost in proportion, so stages working on different micro-batches at once gain
+# (measured on the 2-core machine: 4 decode rows 125 -> 94 tok/s when split, 4 x 16 prompt rows
+# 419 -> 504 tok/s).
+MICRO_BATCH_ROWS = 16
+
 # Stage actors are named `ellm-<pipeline id>-stage<i>` in this Ray namespace, for operators to find.
 ACTOR_NAMESPACE = "ellm"
 
@@ -49,8 +56,9 @@ class PipelineEngine:
     before any stage sees it."""
 
     def __init__(self, actors: list, placements: list[Placement], max_seq_len: int, vocab_size: int, num_slots: int,
-                 step_timeout: float) -> None:
+                 step_timeout: float, micro_batch_rows: int = MICRO_BATCH_ROWS) -> None:
         self.actors = actors
+        self.micro_batch_rows = micro_batch_rows
         self.placements = placements
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
@@ -100,8 +108,9 @@ class PipelineEngine:
     # ----- steps -----
 
     def _micro_batches(self, runs: list[tuple[int, int, int, int]], rows: int) -> list[tuple[int, int]]:
-        """Row ranges, cut at slot boundaries into up to one per stage of about equal size."""
-        parts = min(len(self.actors), len(runs))
+        """Row ranges, cut at slot boundaries into up to one per stage of about equal size, each of at
+        least `micro_batch_rows` rows."""
+        parts = max(1, min(len(self.actors), len(runs), rows // self.micro_batch_rows))
         cuts, goal = [0], 1
         for _, _, end, _ in runs[:-1]:
             if end >= goal * rows / parts and len(cuts) < parts:
@@ -178,6 +187,9 @@ class PipelineModel(Transformer):
     that name (`ray start --resources='{"a": 1}'`) or a node's IP address. Each stage loads only its
     layers' tensors from `path`, which every node must be able to read.
 
+    A step's rows go through the stages in micro-batches of whole slots, at least `micro_batch_rows`
+    rows each (prompt chunks, not a few decode tokens), so stages work at the same time.
+
     Hooks do not run across stages. If a stage dies, the step running fails with `StageFailedError`
     within seconds, and so does every later call; `check_health()` says why."""
 
@@ -196,7 +208,8 @@ class PipelineModel(Transformer):
     def from_pretrained(cls, path: str | os.PathLike, plan: Any = None, *, dtype: str = "auto",  # type: ignore[override]
                         max_seq_len: int | None = None, max_batch_size: int | None = None,
                         threads_per_stage: int | None = None, step_timeout: float = DEFAULT_STEP_TIMEOUT,
-                        address: str | None = None, **ignored: Any) -> PipelineModel:
+                        micro_batch_rows: int = MICRO_BATCH_ROWS, address: str | None = None,
+                        **ignored: Any) -> PipelineModel:
         from ..weights import open_checkpoint
 
         if ignored:
@@ -206,6 +219,8 @@ class PipelineModel(Transformer):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no model at {path}")
+        if micro_batch_rows < 1:
+            raise ValueError(f"micro_batch_rows must be >= 1, got {micro_batch_rows}")
         if threads_per_stage is not None and threads_per_stage < 1:
             raise ValueError(f"threads_per_stage must be >= 1, got {threads_per_stage}")
         args = open_checkpoint(path).args
@@ -230,7 +245,8 @@ class PipelineModel(Transformer):
             for actor in actors:  # nothing left half-loaded
                 ray.kill(actor)
             raise _loading_error(exc) from None
-        engine = PipelineEngine(actors, layout, args.max_seq_len, args.vocab_size, args.max_batch_size, step_timeout)
+        engine = PipelineEngine(actors, layout, args.max_seq_len, args.vocab_size, args.max_batch_size, step_timeout,
+                                micro_batch_rows)
         return cls(args, engine, path, dtype)
 
     # ----- what a Transformer does differently here -----
