@@ -193,16 +193,14 @@ def wait_healthy(url, proc, seconds=90):
 
 
 def test_two_replicas_behind_one_endpoint_both_serve(cluster, gguf_path):
-    from ray import serve
-
-    from ellm.distributed.replicas import serve_replicas
-
     port = free_port()
-    serve_replicas(gguf_path, replicas=2, port=port, blocking=False, slots=2, max_queue=0,
-                   max_seq_len=MAX_SEQ_LEN, threads_per_replica=1)
+    proc = subprocess.Popen([sys.executable, "-m", "ellm", "serve", gguf_path, "--replicas", "2", "--port", str(port),
+                             "--slots", "2", "--max-queue", "0", "--max-seq-len", str(MAX_SEQ_LEN), "--ray-address",
+                             cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAYON_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, None)
+        wait_healthy(url, proc, seconds=120)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         replies = [None] * 4
 
@@ -224,4 +222,11 @@ def test_two_replicas_behind_one_endpoint_both_serve(cluster, gguf_path):
                  for _ in range(4)]
         assert len({r.choices[0].text for r in again}) == 1
     finally:
-        serve.shutdown()
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C: Serve and its replicas are shut down on the way out
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    from ray import serve
+
+    assert not serve.status().applications, "the replicas outlived ellm serve"

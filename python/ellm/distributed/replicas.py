@@ -54,5 +54,11 @@ def serve_replicas(model_path: str | None, *, replicas: int, host: str = "127.0.
     if not ray.is_initialized():
         ray.init(address=ray_address)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(replica_application(model_path, replicas=replicas, **options), name="ellm", route_prefix="/",
-              blocking=blocking)
+    application = replica_application(model_path, replicas=replicas, **options)
+    if not blocking:
+        serve.run(application, name="ellm", route_prefix="/")
+        return
+    try:
+        serve.run(application, name="ellm", route_prefix="/", blocking=True)
+    finally:  # Serve's actors outlive this process otherwise (its controller is detached)
+        serve.shutdown()
