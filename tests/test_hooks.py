@@ -129,3 +129,17 @@ def test_registry_shared_between_models(models, golden):
         for b in BACKENDS:
             models[b].set_hook_registry(None)
     assert names == ["r_embed_tokens", "n_embed_tokens"]
+
+
+def test_both_engines_name_their_points_from_one_list_each():
+    """The Rust engine's names (rust/model/hook_points.rs) are Python's (ellm.hooks), in order."""
+    import ellm
+    from ellm import hooks
+
+    if not ellm.rust_available():
+        pytest.skip("needs the Rust extension ellm._lowlevel, which is not built")
+    from ellm import _lowlevel
+
+    assert _lowlevel.hook_points() == (list(hooks.MODEL_POINTS), list(hooks.LAYER_POINTS))
+    assert hooks.hook_point_names(1) == ["embed_tokens"] + [f"layer0_{p}" for p in hooks.LAYER_POINTS] + [
+        "final_norm", "logits"]

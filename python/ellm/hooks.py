@@ -9,19 +9,36 @@ import numpy as np
 
 HookCallback = Callable[[str, np.ndarray, int], object]
 
+# The hook points by name, in firing order. The NumPy model's emit sites use these constants; the
+# Rust engine's are in rust/model/hook_points.rs, held equal to these by a test.
+EMBED_TOKENS, FINAL_NORM, LOGITS = "embed_tokens", "final_norm", "logits"
+MODEL_POINTS = (EMBED_TOKENS, FINAL_NORM, LOGITS)
+
+INPUT_LAYERNORM = "input_layernorm"
+Q_AFTER_PROJ, K_AFTER_PROJ, V_AFTER_PROJ = "q_after_proj", "k_after_proj", "v_after_proj"
+Q_AFTER_ROPE, K_AFTER_ROPE = "q_after_rope", "k_after_rope"
+ATTENTION_CONTEXT, ATTENTION_OUTPUT = "attention_context", "attention_output"
+AFTER_ATTENTION_RESIDUAL, POST_ATTENTION_LAYERNORM = "after_attention_residual", "post_attention_layernorm"
+MLP_GATE_PROJ, MLP_UP_PROJ, MLP_INTERMEDIATE = "mlp_gate_proj", "mlp_up_proj", "mlp_intermediate"
+MLP_OUTPUT, OUTPUT = "mlp_output", "output"
 LAYER_POINTS = (
-    "input_layernorm", "q_after_proj", "k_after_proj", "v_after_proj", "q_after_rope", "k_after_rope",
-    "attention_context", "attention_output", "after_attention_residual", "post_attention_layernorm",
-    "mlp_gate_proj", "mlp_up_proj", "mlp_intermediate", "mlp_output", "output",
+    INPUT_LAYERNORM, Q_AFTER_PROJ, K_AFTER_PROJ, V_AFTER_PROJ, Q_AFTER_ROPE, K_AFTER_ROPE, ATTENTION_CONTEXT,
+    ATTENTION_OUTPUT, AFTER_ATTENTION_RESIDUAL, POST_ATTENTION_LAYERNORM, MLP_GATE_PROJ, MLP_UP_PROJ,
+    MLP_INTERMEDIATE, MLP_OUTPUT, OUTPUT,
 )
+
+
+def layer_point(layer: int, point: str) -> str:
+    """A layer's point as it fires: `layer{i}_{point}`."""
+    return f"layer{layer}_{point}"
 
 
 def hook_point_names(num_layers: int) -> list[str]:
     """Every point a model with `num_layers` layers fires, in the order it fires them."""
-    names = ["embed_tokens"]
+    names = [EMBED_TOKENS]
     for i in range(num_layers):
-        names.extend(f"layer{i}_{p}" for p in LAYER_POINTS)
-    return names + ["final_norm", "logits"]
+        names.extend(layer_point(i, p) for p in LAYER_POINTS)
+    return names + [FINAL_NORM, LOGITS]
 
 
 class HookRegistry:

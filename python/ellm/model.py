@@ -18,6 +18,7 @@ import numpy as np
 from ._backend import get_backend
 from .config import ModelArgs
 from .errors import ModelBusyError, ModelFormatError
+from . import hooks as H
 from .hooks import HookRegistry, hook_point_names
 from .sampling import apply_repetition_penalty, log_softmax, sample
 from .stage import Stage
@@ -517,7 +518,8 @@ class Transformer:
             if not first and not np.isfinite(tensor).all():
                 first.append(point)
 
-        names = {p for p in self.hook_points() if p == "embed_tokens" or p.endswith("_output") or p == "final_norm"}
+        names = {H.EMBED_TOKENS, H.FINAL_NORM} | {H.layer_point(i, p) for i in range(self.model_args.num_hidden_layers)
+                                                  for p in (H.ATTENTION_OUTPUT, H.MLP_OUTPUT, H.OUTPUT)}
         self._engine.step(*rows, watch, names)
         where = f"first at {first[0]}" if first else "only in the output head"
         positions = rows[2]

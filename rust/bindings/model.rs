@@ -19,6 +19,7 @@ use crate::kernels::pool;
 use crate::kernels::quant::matrix::SharedBytes;
 use crate::kernels::rope::RopeScaling;
 use crate::model::weights::{unpermute_map, KeepAs, Matrix, StoredTensor};
+use crate::model::hook_points as points;
 use crate::model::{Batch, Hooks, Input, Llama, LlamaConfig, LogitsWanted};
 
 #[pyclass(module = "ellm._lowlevel")]
@@ -414,6 +415,14 @@ fn run_on_pool(
     result
 }
 
+/// The hook point names the engine fires: (points outside the layers, each layer's points), each in
+/// firing order.
+#[pyfunction]
+fn hook_points() -> (Vec<&'static str>, Vec<&'static str>) {
+    (points::MODEL_POINTS.to_vec(), points::LAYER_POINTS.to_vec())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(hook_points, m)?)?;
     m.add_class::<LlamaEngine>()
 }

@@ -17,6 +17,7 @@
 //! the hidden states its predecessor returned instead of token ids.
 
 use super::config::LlamaConfig;
+use super::hook_points as P;
 use super::kv_cache::{KvCache, Span};
 use super::weights::{linear_group, Matrix, Weights};
 use crate::error::{EllmError, Result};
@@ -343,7 +344,7 @@ impl Llama {
                 for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
                     embed.embed_row(t as usize, row);
                 }
-                tap.emit(-1, "embed_tokens", &x, &[h])?;
+                tap.emit(-1, P::EMBED_TOKENS, &x, &[h])?;
                 x
             }
             Input::Hidden(hidden) => hidden.to_vec(),
@@ -360,7 +361,7 @@ impl Llama {
         }
 
         let x = rms_norm(&x, &self.weights.norm, c.rms_norm_eps);
-        tap.emit(-1, "final_norm", &x, &[h])?;
+        tap.emit(-1, P::FINAL_NORM, &x, &[h])?;
         let head = self.weights.lm_head.as_ref().or(self.weights.embed_tokens.as_ref()).expect("checked");
         let picked: Vec<usize> = (0..rows).filter(|&r| batch.logits[r]).collect();
         let mut logits = vec![0.0; picked.len() * c.vocab_size];
@@ -370,7 +371,7 @@ impl Llama {
             let last: Vec<f32> = picked.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
             head.linear(&last, picked.len(), None, &mut logits);
         }
-        tap.emit_shaped(tap.logits_lead, -1, "logits", &logits, &[c.vocab_size])?;
+        tap.emit_shaped(tap.logits_lead, -1, P::LOGITS, &logits, &[c.vocab_size])?;
         Ok(logits)
     }
 
@@ -382,12 +383,12 @@ impl Llama {
 
         // Attention block.
         let xn = rms_norm(&x, &w.input_layernorm, c.rms_norm_eps);
-        tap.emit(li, "input_layernorm", &xn, &[c.hidden_size])?;
+        tap.emit(li, P::INPUT_LAYERNORM, &xn, &[c.hidden_size])?;
         let [mut q, mut k, v]: [Vec<f32>; 3] =
             group(&[&w.q_proj, &w.k_proj, &w.v_proj], &[&w.q_bias, &w.k_bias, &w.v_bias], &xn, rows);
-        tap.emit(li, "q_after_proj", &q, &[c.num_heads, d])?;
-        tap.emit(li, "k_after_proj", &k, &[c.num_kv_heads, d])?;
-        tap.emit(li, "v_after_proj", &v, &[c.num_kv_heads, d])?;
+        tap.emit(li, P::Q_AFTER_PROJ, &q, &[c.num_heads, d])?;
+        tap.emit(li, P::K_AFTER_PROJ, &k, &[c.num_kv_heads, d])?;
+        tap.emit(li, P::V_AFTER_PROJ, &v, &[c.num_kv_heads, d])?;
 
         if c.qk_norm {
             // Qwen3: every head of q and k is RMS-normalized on its own before rope.
@@ -404,8 +405,8 @@ impl Llama {
                 rope::rotate_half(head, cos, sin);
             }
         }
-        tap.emit(li, "q_after_rope", &q, &[c.num_heads, d])?;
-        tap.emit(li, "k_after_rope", &k, &[c.num_kv_heads, d])?;
+        tap.emit(li, P::Q_AFTER_ROPE, &q, &[c.num_heads, d])?;
+        tap.emit(li, P::K_AFTER_ROPE, &k, &[c.num_kv_heads, d])?;
 
         let kv = c.kv_dim();
         for run in runs {
@@ -430,25 +431,25 @@ impl Llama {
             let span = run.rows.start * c.q_dim()..run.rows.end * c.q_dim();
             attention::attention(&q[span.clone()], keys, values, &shape, &mut context[span])?;
         }
-        tap.emit(li, "attention_context", &context, &[c.q_dim()])?;
+        tap.emit(li, P::ATTENTION_CONTEXT, &context, &[c.q_dim()])?;
         let attn_out = linear(&w.o_proj, &context, rows, &w.o_bias);
-        tap.emit(li, "attention_output", &attn_out, &[c.hidden_size])?;
+        tap.emit(li, P::ATTENTION_OUTPUT, &attn_out, &[c.hidden_size])?;
         add_in_place(&mut x, &attn_out);
-        tap.emit(li, "after_attention_residual", &x, &[c.hidden_size])?;
+        tap.emit(li, P::AFTER_ATTENTION_RESIDUAL, &x, &[c.hidden_size])?;
 
         // MLP block.
         let xn = rms_norm(&x, &w.post_attention_layernorm, c.rms_norm_eps);
-        tap.emit(li, "post_attention_layernorm", &xn, &[c.hidden_size])?;
+        tap.emit(li, P::POST_ATTENTION_LAYERNORM, &xn, &[c.hidden_size])?;
         let [gate, up]: [Vec<f32>; 2] = group(&[&w.gate_proj, &w.up_proj], &[&w.gate_bias, &w.up_bias], &xn, rows);
-        tap.emit(li, "mlp_gate_proj", &gate, &[c.intermediate_size])?;
-        tap.emit(li, "mlp_up_proj", &up, &[c.intermediate_size])?;
+        tap.emit(li, P::MLP_GATE_PROJ, &gate, &[c.intermediate_size])?;
+        tap.emit(li, P::MLP_UP_PROJ, &up, &[c.intermediate_size])?;
         let mut hidden = vec![0.0; gate.len()];
         activation::swiglu(&gate, &up, &mut hidden);
-        tap.emit(li, "mlp_intermediate", &hidden, &[c.intermediate_size])?;
+        tap.emit(li, P::MLP_INTERMEDIATE, &hidden, &[c.intermediate_size])?;
         let mlp_out = linear(&w.down_proj, &hidden, rows, &w.down_bias);
-        tap.emit(li, "mlp_output", &mlp_out, &[c.hidden_size])?;
+        tap.emit(li, P::MLP_OUTPUT, &mlp_out, &[c.hidden_size])?;
         add_in_place(&mut x, &mlp_out);
-        tap.emit(li, "output", &x, &[c.hidden_size])?;
+        tap.emit(li, P::OUTPUT, &x, &[c.hidden_size])?;
         Ok(x)
     }
 }

@@ -1,6 +1,7 @@
 //! The Llama decoder in plain Rust: configuration, weight storage, KV cache, the step itself.
 
 pub mod config;
+pub mod hook_points;
 pub mod kv_cache;
 pub mod llama;
 pub mod weights;

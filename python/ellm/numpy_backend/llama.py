@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..config import ModelArgs
+from .. import hooks as H
 from ..ops import rope_scaling_params
 from ..stage import Stage
 from . import kernels as K
@@ -145,7 +146,7 @@ class NumpyLlama:
 
         if self.stage.embeds:
             x = w["model.embed_tokens.weight"][inputs]  # [rows, hidden]
-            emit("embed_tokens", -1, x, (a.hidden_size,))
+            emit(H.EMBED_TOKENS, -1, x, (a.hidden_size,))
         else:
             x = inputs.astype(np.float32)
         cos, sin = K.rope_cos_sin(positions, self.inv_freq)
@@ -155,10 +156,10 @@ class NumpyLlama:
             return x
 
         x = K.rms_norm(x, w["model.norm.weight"], a.rms_norm_eps)
-        emit("final_norm", -1, x, (a.hidden_size,))
+        emit(H.FINAL_NORM, -1, x, (a.hidden_size,))
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
         logits = K.linear(x[wanted], head)
-        emit("logits", -1, logits, (a.vocab_size,), logits_lead)
+        emit(H.LOGITS, -1, logits, (a.vocab_size,), logits_lead)
         return logits
 
     def _layer(self, i, x, runs, cos, sin, emit):
@@ -167,27 +168,27 @@ class NumpyLlama:
         w = lambda name: self.weights[p + name]  # noqa: E731
         bias = lambda name: self.weights.get(p + name)  # noqa: E731
         layer = i + self.stage.first  # the model's index, which hook names use
-        n = lambda point: f"layer{layer}_{point}"  # noqa: E731
+        n = lambda point: H.layer_point(layer, point)  # noqa: E731
         h = a.hidden_size
 
         # Attention block.
         xn = K.rms_norm(x, w("input_layernorm.weight"), a.rms_norm_eps)
-        emit(n("input_layernorm"), layer, xn, (h,))
+        emit(n(H.INPUT_LAYERNORM), layer, xn, (h,))
         q = K.linear(xn, w("self_attn.q_proj.weight"), bias("self_attn.q_proj.bias"))
         k = K.linear(xn, w("self_attn.k_proj.weight"), bias("self_attn.k_proj.bias"))
         v = K.linear(xn, w("self_attn.v_proj.weight"), bias("self_attn.v_proj.bias"))
         q = q.reshape(-1, a.num_attention_heads, d)
         k = k.reshape(-1, a.num_key_value_heads, d)
         v = v.reshape(-1, a.num_key_value_heads, d)
-        emit(n("q_after_proj"), layer, q, (a.num_attention_heads, d))
-        emit(n("k_after_proj"), layer, k, (a.num_key_value_heads, d))
-        emit(n("v_after_proj"), layer, v, (a.num_key_value_heads, d))
+        emit(n(H.Q_AFTER_PROJ), layer, q, (a.num_attention_heads, d))
+        emit(n(H.K_AFTER_PROJ), layer, k, (a.num_key_value_heads, d))
+        emit(n(H.V_AFTER_PROJ), layer, v, (a.num_key_value_heads, d))
         if a.qk_norm:  # Qwen3: each head of q and k normalized on its own, before rope
             q = K.rms_norm(q, w("self_attn.q_norm.weight"), a.rms_norm_eps)
             k = K.rms_norm(k, w("self_attn.k_norm.weight"), a.rms_norm_eps)
         q, k = K.rotate_half(q, cos, sin), K.rotate_half(k, cos, sin)
-        emit(n("q_after_rope"), layer, q, (a.num_attention_heads, d))
-        emit(n("k_after_rope"), layer, k, (a.num_key_value_heads, d))
+        emit(n(H.Q_AFTER_ROPE), layer, q, (a.num_attention_heads, d))
+        emit(n(H.K_AFTER_ROPE), layer, k, (a.num_key_value_heads, d))
 
         context = np.empty((len(x), a.q_dim()), dtype=np.float32)
         for slot, first, end, pos in runs:  # each sequence attends to its own slot
@@ -199,25 +200,25 @@ class NumpyLlama:
                 q[first:end], self.cache_k[i, slot, :, :last].transpose(1, 0, 2),
                 self.cache_v[i, slot, :, :last].transpose(1, 0, 2), True, pos, 1.0 / np.sqrt(d), self.windows[i],
             ).reshape(end - first, -1)
-        emit(n("attention_context"), layer, context, (a.q_dim(),))
+        emit(n(H.ATTENTION_CONTEXT), layer, context, (a.q_dim(),))
         attn_out = K.linear(context, w("self_attn.o_proj.weight"), bias("self_attn.o_proj.bias"))
-        emit(n("attention_output"), layer, attn_out, (h,))
+        emit(n(H.ATTENTION_OUTPUT), layer, attn_out, (h,))
         x = x + attn_out
-        emit(n("after_attention_residual"), layer, x, (h,))
+        emit(n(H.AFTER_ATTENTION_RESIDUAL), layer, x, (h,))
 
         # MLP block.
         xn = K.rms_norm(x, w("post_attention_layernorm.weight"), a.rms_norm_eps)
-        emit(n("post_attention_layernorm"), layer, xn, (h,))
+        emit(n(H.POST_ATTENTION_LAYERNORM), layer, xn, (h,))
         gate = K.linear(xn, w("mlp.gate_proj.weight"), bias("mlp.gate_proj.bias"))
         up = K.linear(xn, w("mlp.up_proj.weight"), bias("mlp.up_proj.bias"))
-        emit(n("mlp_gate_proj"), layer, gate, (a.intermediate_size,))
-        emit(n("mlp_up_proj"), layer, up, (a.intermediate_size,))
+        emit(n(H.MLP_GATE_PROJ), layer, gate, (a.intermediate_size,))
+        emit(n(H.MLP_UP_PROJ), layer, up, (a.intermediate_size,))
         hidden = K.swiglu(gate, up)
-        emit(n("mlp_intermediate"), layer, hidden, (a.intermediate_size,))
+        emit(n(H.MLP_INTERMEDIATE), layer, hidden, (a.intermediate_size,))
         mlp_out = K.linear(hidden, w("mlp.down_proj.weight"), bias("mlp.down_proj.bias"))
-        emit(n("mlp_output"), layer, mlp_out, (h,))
+        emit(n(H.MLP_OUTPUT), layer, mlp_out, (h,))
         x = x + mlp_out
-        emit(n("output"), layer, x, (h,))
+        emit(n(H.OUTPUT), layer, x, (h,))
         return x
 
 
