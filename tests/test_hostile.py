@@ -210,6 +210,12 @@ def test_tokenizer_config_problems_and_chat_template_jinja(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
     tok = Tokenizer.from_file(tmp_path)
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[hi]"
+    # the template's own Python errors (fuzz/hostile.py found 1/0 escaping as ZeroDivisionError)
+    for template, error in (("{{ 1/0 }}", "ZeroDivisionError"), ("{{ messages[0].content + 1 }}", "TypeError"),
+                            ("{{ messages[0].content.nope() }}", "no attribute 'nope'")):
+        (tmp_path / "chat_template.jinja").write_text(template)
+        with pytest.raises(ModelFormatError, match=f"the chat template failed.*{error}"):
+            Tokenizer.from_file(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_metadata_of_hostile_gguf_headers(tmp_path):

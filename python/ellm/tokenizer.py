@@ -101,9 +101,13 @@ def _render_template(template: str, messages: list[dict], add_generation_prompt:
 
     try:
         return _render(template, messages, add_generation_prompt, **extra)
+    except (TemplateRaised, ModelFormatError):
+        raise
     except TemplateError as exc:
         kind = "is not valid Jinja" if type(exc).__name__ == "TemplateSyntaxError" else "failed"
         raise ModelFormatError(f"the chat template {kind}: {exc}") from None
+    except Exception as exc:  # the template's own Python errors: 1/0, a key a message lacks
+        raise ModelFormatError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
 
 
 def _render(template: str, messages: list[dict], add_generation_prompt: bool, **extra: Any) -> str:
