@@ -57,3 +57,32 @@ def test_errors(tmp_path):
         ModelArgs(rope_scaling={"rope_type": "yarn", "factor": 4.0}).validate()
     with pytest.raises(ValueError, match="vocab_size"):
         ModelArgs(vocab_size=0).validate()
+
+
+def test_both_engines_apply_the_one_list_of_config_rules():
+    """config_rules.json is read by ModelArgs.validate and by the Rust engine: the same broken
+    config is refused by both, with the same message."""
+    import ellm
+    from ellm.config import config_rules
+
+    if not ellm.rust_available():
+        pytest.skip("needs the Rust extension ellm._lowlevel, which is not built")
+    from ellm import _lowlevel
+
+    good = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)
+    rules = config_rules()
+    broken = [{name: 0} for name in rules["positive"]]
+    broken += [{a: 6, b: 4} for a, b in rules["divisible"]]
+    broken += [{name: 7} for name, _ in rules["even"]]
+    assert len(broken) == len(rules["positive"]) + len(rules["divisible"]) + len(rules["even"])
+    for change in broken:
+        args = ModelArgs(**{**good, **change})
+        with pytest.raises(ValueError) as in_python:
+            args.validate()
+        config = ModelArgs(**good).engine_config()
+        config.update(change)
+        config["layer_windows"] = [0] * config["num_hidden_layers"]
+        with pytest.raises(ValueError) as in_rust:
+            _lowlevel.LlamaEngine(config)
+        assert str(in_rust.value) == str(in_python.value), change

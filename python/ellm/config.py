@@ -7,6 +7,7 @@ modeling code does (see `FAMILY_DEFAULTS` and the properties below)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -58,6 +59,13 @@ def _id_list(value: Any, name: str) -> list[int] | None:
     if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return list(value)
     raise TypeError(f"{name} must be an int or a list of ints, got {value!r}")
+
+
+@functools.cache
+def config_rules() -> dict:
+    """The config rules both engines apply (config_rules.json; the Rust engine reads the same file)."""
+    with open(os.path.join(os.path.dirname(__file__), "config_rules.json"), encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 @dataclass
@@ -144,21 +152,24 @@ class ModelArgs:
 
     def validate(self) -> bool:
         """True, or ValueError naming the broken constraint."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings", "max_seq_len", "max_batch_size"):
+        rules = config_rules()
+        for name in ("max_position_embeddings", *rules["positive"]):
             value = getattr(self, name)
+            if name == "head_dim" and value is None:
+                continue  # hidden_size / num_attention_heads, checked below
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
-            raise ValueError(f"head_dim must be a positive int, got {self.head_dim!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads}) when head_dim is not given")
-        if self.resolved_head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}")
+        sizes = {name: getattr(self, name) for name in rules["positive"]}
+        sizes["head_dim"] = self.resolved_head_dim
+        for a, b in rules["divisible"]:
+            if sizes[a] % sizes[b]:
+                raise ValueError(f"{a} ({sizes[a]}) must be divisible by {b} ({sizes[b]})")
+        for name, why in rules["even"]:
+            if sizes[name] % 2:
+                raise ValueError(f"{name} must be even for {why}, got {sizes[name]}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             if not is_positive_number(value):

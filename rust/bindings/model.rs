@@ -18,8 +18,8 @@ use crate::error::{EllmError, Result};
 use crate::kernels::pool;
 use crate::kernels::quant::matrix::SharedBytes;
 use crate::kernels::rope::RopeScaling;
-use crate::model::weights::{unpermute_map, KeepAs, Matrix, StoredTensor};
 use crate::model::hook_points as points;
+use crate::model::weights::{unpermute_map, KeepAs, Matrix, StoredTensor};
 use crate::model::{Batch, Hooks, Input, Llama, LlamaConfig, LogitsWanted};
 
 #[pyclass(module = "ellm._lowlevel")]
@@ -305,7 +305,9 @@ impl LlamaEngine {
         let index = |name: &str, a: &PyReadonlyArray1<'py, i64>| -> PyResult<Vec<usize>> {
             a.as_array()
                 .iter()
-                .map(|&v| usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {v}"))))
+                .map(|&v| {
+                    usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {v}")))
+                })
                 .collect()
         };
         let (slots, positions) = (index("slots", &slots)?, index("positions", &positions)?);

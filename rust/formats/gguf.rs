@@ -588,7 +588,7 @@ mod fuzz {
                     }
                 }
                 2 => {
-                    let v = if r.next_u32() % 2 == 0 { 0x00 } else { 0xFF };
+                    let v = if r.next_u32().is_multiple_of(2) { 0x00 } else { 0xFF };
                     let n = (1 + r.next_u32() % 8) as usize;
                     for x in b.iter_mut().skip(at).take(n) {
                         *x = v;

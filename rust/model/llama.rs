@@ -302,7 +302,10 @@ impl Llama {
         for r in 0..n {
             let (slot, pos) = (batch.slots[r], batch.positions[r]);
             if slot >= self.cache.slots() {
-                return Err(EllmError::Value(format!("slot {slot} does not exist: the cache has {} slots", self.cache.slots())));
+                return Err(EllmError::Value(format!(
+                    "slot {slot} does not exist: the cache has {} slots",
+                    self.cache.slots()
+                )));
             }
             if pos >= c.max_seq_len {
                 return Err(EllmError::Value(format!("position {pos} is past max_seq_len {}", c.max_seq_len)));
@@ -375,7 +378,14 @@ impl Llama {
         Ok(logits)
     }
 
-    fn layer(&mut self, l: usize, mut x: Vec<f32>, positions: &[usize], runs: &[Run], tap: &mut Tap) -> Result<Vec<f32>> {
+    fn layer(
+        &mut self,
+        l: usize,
+        mut x: Vec<f32>,
+        positions: &[usize],
+        runs: &[Run],
+        tap: &mut Tap,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (d, rows, half) = (c.head_dim, positions.len(), c.head_dim / 2);
         let li = (l + c.layer_offset) as i32;
