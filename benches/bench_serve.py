@@ -97,15 +97,17 @@ def main() -> None:
     port = free_port()
     rows = measure("ellm", [sys.executable, "-m", "ellm", "serve", path, "--port", str(port), "--slots",
                             str(max(CLIENTS)), "--max-seq-len", "512", "--log-level", "warning"], port, bias)
-    try:
-        import llama_cpp.server  # noqa: F401
+    # llama-cpp-python's server from this Python or the one ELLM_LLAMA_CPP_PYTHON names
+    llama_python = os.environ.get("ELLM_LLAMA_CPP_PYTHON") or sys.executable
+    if subprocess.run([llama_python, "-c", "import llama_cpp.server"], capture_output=True).returncode == 0:
         port = free_port()
-        rows += measure("llama-cpp-python", [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host",
+        rows += measure("llama-cpp-python", [llama_python, "-m", "llama_cpp.server", "--model", path, "--host",
                                              "127.0.0.1", "--port", str(port), "--n_threads", threads,
                                              "--n_ctx", "2048"], port, bias)
-    except ImportError:
+    else:
         print("llama-cpp-python's server is not installed (pip install 'llama-cpp-python[server]', built as "
-              "benches/bench_vs_llamacpp.py says): its rows are left out")
+              "benches/bench_vs_llamacpp.py says, here or in the Python ELLM_LLAMA_CPP_PYTHON names): its rows "
+              "are left out")
     single = {name: tps for name, c, tps, *_ in rows if c == 1}
     table(f"bench_serve: {TOKENS}-token streamed replies, {ROUNDS} per client, {threads} threads, loopback",
           ["server", "clients", "tokens/s", "vs 1 client", "TTFT p50 ms", "TTFT p99 ms"],
