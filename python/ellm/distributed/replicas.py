@@ -26,7 +26,9 @@ class EllmReplica:
         if threads:
             os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the engine's pool starts
         self.name = f"ellm-0.1.0-{socket.gethostname()}-{os.getpid()}"
-        self._ellm_app = create_app(serving_loader(model_path, fingerprint=self.name, **options), api_key=api_key)
+        # loaded before the constructor returns: Ray Serve routes to a replica only once it is ready
+        serving = serving_loader(model_path, fingerprint=self.name, **options)()
+        self._ellm_app = create_app(serving, api_key=api_key)
 
     def __serve_build_asgi_app__(self):
         return self._ellm_app

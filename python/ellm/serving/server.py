@@ -89,8 +89,9 @@ class _State:
         self.started = time.time()
 
 
-def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None) -> FastAPI:
-    """The app; `load` builds the engine (run on a thread at start-up, /health says 503 until done)."""
+def create_app(load: Callable[[], OpenAIServing] | OpenAIServing, *, api_key: str | None = None) -> FastAPI:
+    """The app; `load` builds the engine (run on a thread at start-up, /health says 503 until done),
+    or is the engine already built."""
     state = _State()
     app = FastAPI(title="ellm", version="0.1.0")
     app.state.ellm = state
@@ -101,7 +102,10 @@ def create_app(load: Callable[[], OpenAIServing], *, api_key: str | None = None)
         except BaseException as exc:  # reported by /health and every request
             state.load_error = exc
 
-    threading.Thread(target=loader, name="ellm-load", daemon=True).start()
+    if isinstance(load, OpenAIServing):
+        state.serving = load
+    else:
+        threading.Thread(target=loader, name="ellm-load", daemon=True).start()
 
     def unavailable() -> JSONResponse | None:
         if state.load_error is not None:
