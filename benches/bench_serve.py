@@ -57,17 +57,19 @@ def load(port: int, clients: int, bias: dict) -> tuple[float, float, float]:
     def run(i: int) -> None:
         for r in range(ROUNDS):
             sent = time.perf_counter()
-            first, n = None, 0
+            first, n, pieces = None, None, 0
             stream = client.completions.create(model="m", prompt=PROMPTS[(i + r) % len(PROMPTS)], max_tokens=TOKENS,
                                                temperature=0.8, seed=i * 100 + r, logit_bias=bias, stream=True,
                                                stream_options={"include_usage": True})
             for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].text:
-                    first = time.perf_counter() - sent
+                if chunk.choices and chunk.choices[0].text:
+                    pieces += 1
+                    if first is None:
+                        first = time.perf_counter() - sent
                 if chunk.usage:
                     n = chunk.usage.completion_tokens
             ttfts.append(first if first is not None else float("nan"))
-            tokens.append(n)
+            tokens.append(pieces if n is None else n)  # llama-cpp-python streams one token a chunk, no usage
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
@@ -99,7 +101,8 @@ def main() -> None:
                             str(max(CLIENTS)), "--max-seq-len", "512", "--log-level", "warning"], port, bias)
     # llama-cpp-python's server from this Python or the one ELLM_LLAMA_CPP_PYTHON names
     llama_python = os.environ.get("ELLM_LLAMA_CPP_PYTHON") or sys.executable
-    if subprocess.run([llama_python, "-c", "import llama_cpp.server"], capture_output=True).returncode == 0:
+    if os.path.exists(llama_python) and subprocess.run([llama_python, "-c", "import llama_cpp.server"],
+                                                       capture_output=True).returncode == 0:
         port = free_port()
         rows += measure("llama-cpp-python", [llama_python, "-m", "llama_cpp.server", "--model", path, "--host",
                                              "127.0.0.1", "--port", str(port), "--n_threads", threads,
