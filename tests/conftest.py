@@ -1,6 +1,8 @@
 import json
 import os
+import socket
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -106,3 +108,31 @@ def load_on(backend_name, path, **kwargs):
         return ellm.Transformer.from_pretrained(path, **kwargs)
     finally:
         ellm.set_backend(previous)
+
+
+# ----- servers started by a test -----
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url, proc=None, seconds=60):
+    """Poll `url`/health until it answers 200; fail with the server's output if it dies or takes too long."""
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if (proc is not None and proc.poll() is not None) or time.time() > deadline:
+            output = ""
+            if proc is not None:
+                proc.kill()
+                output = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"the server did not come up: {output}")
+        time.sleep(0.1)

@@ -4,7 +4,6 @@ and two engine replicas behind one OpenAI-compatible endpoint on Ray Serve."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve cannot be installed here (mak
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from ellm.distributed import PipelineModel, StageFailedError  # noqa: E402
+from conftest import free_port, wait_healthy  # noqa: E402
 
 pytestmark = [
     pytest.mark.ray,
@@ -33,12 +33,6 @@ pytestmark = [
 
 MAX_SEQ_LEN = 128
 HALF = 15  # SmolLM2-135M has 30 layers
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +146,7 @@ def test_ellm_serve_ray_plan_serves_the_pipeline_and_health_turns_503_when_a_sta
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, seconds=90)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         reply = client.completions.create(model="m", prompt="The capital of France is", max_tokens=8, temperature=0)
         assert reply.usage.completion_tokens == 8
@@ -174,22 +168,6 @@ def test_ellm_serve_ray_plan_serves_the_pipeline_and_health_turns_503_when_a_sta
     finally:
         proc.terminate()
         proc.wait(15)
-
-
-def wait_healthy(url, proc, seconds=90):
-    deadline = time.time() + seconds
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if (proc is not None and proc.poll() is not None) or time.time() > deadline:
-            if proc is not None:
-                proc.kill()
-                pytest.fail(f"the server did not come up: {proc.stdout.read()}")
-            pytest.fail("the server did not come up")
-        time.sleep(0.2)
 
 
 def test_two_replicas_behind_one_endpoint_both_serve(cluster, gguf_path):

@@ -2,7 +2,6 @@
 127.0.0.1 (a free port, polled on /health), with the bundled model on 2 slots."""
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -17,16 +16,11 @@ pytest.importorskip("fastapi", reason="the server needs the extra ellm[server] (
 pytest.importorskip("sse_starlette", reason="the server needs the extra ellm[server] (make test installs it)")
 
 import ellm  # noqa: E402
+from conftest import free_port, wait_healthy  # noqa: E402
 
 KEY = "test-key"
 MAX_SEQ_LEN = 256
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +32,7 @@ def server():
                              "--max-queue", "2", "--api-key", KEY, "--max-seq-len", str(MAX_SEQ_LEN),
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not come up: {proc.stdout.read()}")
-        time.sleep(0.1)
+    wait_healthy(url, proc)
     yield url
     proc.terminate()
     proc.wait(10)
