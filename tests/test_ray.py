@@ -133,6 +133,20 @@ def test_a_stage_killed_mid_generation_fails_the_generation_within_seconds(clust
             model.forward([[1, 2]])
 
 
+def test_a_stage_that_cannot_be_placed_or_loaded_is_a_clear_error(cluster, gguf_path, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(StageFailedError, match=r"stage 0 .* did not start within 3 s .*2 CPU free"):
+        PipelineModel.from_pretrained(gguf_path, half_plan(), threads_per_stage=2, load_timeout=3)  # 1-CPU nodes
+    assert time.monotonic() - started < 15
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(open(gguf_path, "rb").read()[:100_000])  # the header, cut short
+    with pytest.raises(ValueError, match="broken.gguf"):  # the driver reads the header first
+        PipelineModel.from_pretrained(str(broken), half_plan())
+    with pytest.raises(ValueError, match="dtype"):  # a stage's own error, not Ray's wrapper
+        PipelineModel.from_pretrained(gguf_path, half_plan(), dtype="q3_x", threads_per_stage=1)
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "ellm"]
+
+
 def test_ellm_serve_ray_plan_serves_the_pipeline_and_health_turns_503_when_a_stage_dies(cluster, gguf_path,
                                                                                      tmp_path):
     import json

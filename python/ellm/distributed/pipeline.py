@@ -33,6 +33,8 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 # How long one step may take before the pipeline is declared stuck (a long prompt on a slow node
 # takes seconds; a stage that died is noticed by Ray at once, not by this).
 DEFAULT_STEP_TIMEOUT = 600.0
+# How long the stages may take to be placed and load their layers.
+DEFAULT_LOAD_TIMEOUT = 600.0
 
 # Rows a micro-batch needs to be worth its own pass over a stage's weights: a decode step's few rows
 # cost about what one row costs (the weights are read either way), so splitting them loses; a
@@ -208,12 +210,10 @@ class PipelineModel(Transformer):
     def from_pretrained(cls, path: str | os.PathLike, plan: Any = None, *, dtype: str = "auto",  # type: ignore[override]
                         max_seq_len: int | None = None, max_batch_size: int | None = None,
                         threads_per_stage: int | None = None, step_timeout: float = DEFAULT_STEP_TIMEOUT,
-                        micro_batch_rows: int = MICRO_BATCH_ROWS, address: str | None = None,
-                        **ignored: Any) -> PipelineModel:
+                        micro_batch_rows: int = MICRO_BATCH_ROWS, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+                        address: str | None = None) -> PipelineModel:
         from ..weights import open_checkpoint
 
-        if ignored:
-            raise TypeError(f"PipelineModel.from_pretrained got unexpected arguments: {', '.join(ignored)}")
         if plan is None:
             raise ValueError("PipelineModel.from_pretrained needs a plan: a partition plan or a list of node ids")
         path = os.fspath(path)
@@ -239,7 +239,13 @@ class PipelineModel(Transformer):
                 actors.append(worker.options(num_cpus=threads_per_stage or 1, resources=resources, max_restarts=0,
                                              name=f"ellm-{pipeline_id}-stage{i}", namespace=ACTOR_NAMESPACE)
                               .remote(path, p.stage, dtype, max_seq_len, max_batch_size, threads_per_stage))
-            ray.get([a.ping.remote() for a in actors])  # every stage loaded, or its error
+            loaded = [a.ping.remote() for a in actors]
+            ready, waiting = ray.wait(loaded, num_returns=len(loaded), timeout=load_timeout)
+            if waiting:
+                late = [_stage_name(i, p) for i, (p, ref) in enumerate(zip(layout, loaded)) if ref in waiting]
+                raise StageFailedError(f"{', '.join(late)} did not start within {load_timeout:.0f} s (is the node up, "
+                                       f"with {threads_per_stage or 1} CPU free for it?)")
+            ray.get(ready)  # a stage's loading error, if any
             args = ray.get(actors[0].model_args.remote())  # as the stages built it (max_seq_len, slots)
         except BaseException as exc:
             for actor in actors:  # nothing left half-loaded
@@ -299,6 +305,8 @@ class PipelineModel(Transformer):
 
 def _loading_error(exc: BaseException) -> BaseException:
     """A stage's own exception (FileNotFoundError, ModelFormatError, ...) rather than Ray's wrapper."""
+    if isinstance(exc, StageFailedError):
+        return exc
     cause: BaseException | None = exc
     while cause is not None and isinstance(cause, RayError):
         inner = getattr(cause, "cause", None) or getattr(cause, "error", None)

@@ -33,8 +33,14 @@ class StageWorker:
         if threads:
             os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the engine's pool starts
         before = process_memory()["rss_bytes"]
-        self.model = Transformer.from_pretrained(path, dtype=dtype, max_seq_len=max_seq_len,
-                                                 max_batch_size=max_batch_size, stage=stage)
+        # A constructor's exception reaches the driver only as text; kept, `ping` raises it whole.
+        self.failure: BaseException | None = None
+        try:
+            self.model = Transformer.from_pretrained(path, dtype=dtype, max_seq_len=max_seq_len,
+                                                     max_batch_size=max_batch_size, stage=stage)
+        except Exception as exc:
+            self.failure = exc
+            return
         self.model._gguf_metadata = None
         self.loaded_rss_bytes = process_memory()["rss_bytes"] - before
 
@@ -72,4 +78,7 @@ class StageWorker:
         self.model.reset_cache()
 
     def ping(self) -> int:
+        """This process's id, once the stage loaded (else its loading error)."""
+        if self.failure is not None:
+            raise self.failure
         return os.getpid()
