@@ -124,8 +124,14 @@ def test_a_partition_plan_becomes_stages_or_a_clear_error(gguf_path, tmp_path, c
     assert got[0].stage.first == 0 and got[0].stage.embeds and not got[0].stage.heads
     assert got[0].stage.stop == got[1].stage.first and got[1].stage.stop == 30 and got[1].stage.heads
     assert placements(plan, args, gguf_path) == placements(["a", "b"], args, gguf_path) == got
+    four = placements(["a", "b", "c", "d"], args, gguf_path)  # the planner gives every node a layer
+    assert all(p.stage.num_layers > 0 for p in four) and four[-1].stage.stop == 30 and four[-1].stage.heads
+    head_only = {"nodes": [{"node_id": "a", "blocks": ["embed"] + [f"layers.{i}" for i in range(30)]},
+                           {"node_id": "d", "blocks": ["head"]}]}
     with pytest.raises(ValueError, match="node 'd' has no decoder layers"):
-        placements(["a", "b", "c", "d"], args, gguf_path)
+        placements(head_only, args, gguf_path)
+    with pytest.raises(ValueError, match="31 nodes for 30 decoder layers"):
+        placements([f"n{i}" for i in range(31)], args, gguf_path)
     gap = {"nodes": [{"node_id": "a", "blocks": ["embed", "layers.0"]},
                      {"node_id": "b", "blocks": [f"layers.{i}" for i in range(2, 30)] + ["head"]}]}
     with pytest.raises(ValueError, match="starts at layer 2, expected 1"):

@@ -64,11 +64,20 @@ def plan_partition(metadata: ModelMetadata, nodes: list[dict], mode: str = "deco
         prefix_t.append(prefix_t[-1] + t)
         prefix_m.append(prefix_m[-1] + m)
 
+    # A decoder's nodes each get at least one layer: a node with only the embedding or the head
+    # would be a pipeline stage with nothing to pipeline.
+    prefix_layers = [0]
+    for b in blocks:
+        prefix_layers.append(prefix_layers[-1] + b.name.startswith("layers."))
+    needs_layer = prefix_layers[-1] > 0
+
     def shared(i: int, j: int) -> int:
         """A tied head's embedding, held a second time by a range with the head and not the embedding."""
         return sum(b.shared_weight_bytes for b in blocks[i:j]) if i > 0 else 0
 
     def cost(node: int, i: int, j: int) -> float:  # blocks i..j-1 on node `node`
+        if needs_layer and prefix_layers[j] == prefix_layers[i]:
+            return float("inf")
         limit = specs[node]["memory"]
         if limit is not None and prefix_m[j] - prefix_m[i] + shared(i, j) > limit:
             return float("inf")
@@ -85,6 +94,8 @@ def plan_partition(metadata: ModelMetadata, nodes: list[dict], mode: str = "deco
                 value = max(best[a - 1][i], cost(a - 1, i, j))
                 if value < best[a][j]:
                     best[a][j], cut[a][j] = value, i
+    if best[k][n] == inf and needs_layer and k > prefix_layers[n]:
+        raise ValueError(f"{k} nodes for {prefix_layers[n]} decoder layers: every node runs at least one layer")
     if best[k][n] == inf:
         need = prefix_m[n]
         offered = sum(s["memory"] for s in specs if s["memory"] is not None)
