@@ -1,6 +1,7 @@
 //! Pure-Rust compute kernels on row-major f32 slices. No PyO3 here: `cargo test` covers them.
 
 pub mod activation;
+pub mod aligned;
 pub mod attention;
 pub mod few_rows;
 pub mod math;

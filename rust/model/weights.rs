@@ -10,13 +10,14 @@ use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use crate::error::{EllmError, Result};
+use crate::kernels::aligned::AlignedF32;
 use crate::kernels::pool::{self, DisjointWrites};
 use crate::kernels::quant::matrix::{self as quant_matrix, QuantMatrix, SharedBytes};
 use crate::kernels::quant::QuantKind;
 use crate::kernels::{few_rows, matmul, simd};
 
 pub enum Storage {
-    F32(Vec<f32>),
+    F32(AlignedF32),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
     Quant(QuantMatrix),
@@ -73,7 +74,7 @@ const HALF_ROWS_PER_TASK: usize = 64;
 impl Matrix {
     pub fn f32(rows: usize, cols: usize, data: Vec<f32>) -> Matrix {
         assert_eq!(data.len(), rows * cols);
-        Matrix { rows, cols, storage: Storage::F32(data) }
+        Matrix { rows, cols, storage: Storage::F32(AlignedF32::from_slice(&data)) }
     }
 
     /// A tensor as stored, kept as `keep` says; `row_map` puts the stored rows in the model's
@@ -100,7 +101,9 @@ impl Matrix {
                     .for_this_cpu(),
                 )
             }
-            ("F32", _) => Storage::F32(reorder(&halves::<f32>(raw, rows * cols, name)?, cols, &row_map)),
+            ("F32", _) => {
+                Storage::F32(AlignedF32::from_slice(&reorder(&halves::<f32>(raw, rows * cols, name)?, cols, &row_map)))
+            }
             ("F16", _) => Storage::F16(reorder(&halves::<f16>(raw, rows * cols, name)?, cols, &row_map)),
             ("BF16", _) => Storage::BF16(reorder(&halves::<bf16>(raw, rows * cols, name)?, cols, &row_map)),
             _ => {
@@ -328,7 +331,7 @@ pub fn linear_group(mats: &[&Matrix], biases: &[Option<&[f32]>], x: &[f32], m: u
     let f32s: Vec<(&[f32], usize)> = mats
         .iter()
         .filter_map(|w| match &w.storage {
-            Storage::F32(d) => Some((d.as_slice(), w.rows)),
+            Storage::F32(d) => Some((&d[..], w.rows)),
             _ => None,
         })
         .collect();
