@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._files import read_json_object
 from .errors import ModelFormatError
 from .ops import check_size, is_positive_number, rope_scaling_params
 
@@ -256,15 +257,7 @@ class ModelArgs:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no model config at {path}")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                d = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object")
+        d = read_json_object(path, "model config")
         if "dim" in d and "n_layers" in d:
             d = _from_meta_params(d)
         return cls.from_dict(d)

@@ -7,12 +7,12 @@ the node with `ray start --resources='{"gpu-box-1": 1}'`), or the node's IP addr
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from .._files import read_json_object
 from ..config import ModelArgs
 from ..metadata import PartitionPlan, generate_metadata, plan_partition
 from ..stage import Stage
@@ -30,14 +30,7 @@ class Placement:
 def _plan_nodes(plan: Any, model_path: str) -> list[dict]:
     """The plan's nodes as dicts with node_id and blocks, whatever form the plan came in."""
     if isinstance(plan, (str, os.PathLike)):
-        path = os.fspath(plan)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no partition plan at {path}")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                plan = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not a JSON partition plan: {exc}") from None
+        plan = read_json_object(plan, "partition plan")
     if isinstance(plan, PartitionPlan):
         plan = plan.to_dict()
     if isinstance(plan, dict) and "partition" in plan and "nodes" not in plan:  # `ellm metadata --nodes` output
