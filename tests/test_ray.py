@@ -156,7 +156,7 @@ def test_ellm_serve_ray_plan_serves_the_pipeline_and_health_turns_503_when_a_sta
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ellm", "serve", gguf_path, "--port", str(port), "--slots", "2",
                              "--max-seq-len", str(MAX_SEQ_LEN), "--ray-plan", str(plan), "--ray-address",
-                             cluster.address, "--log-level", "warning"],
+                             cluster.address, "--threads", "1", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -188,8 +188,8 @@ def test_two_replicas_behind_one_endpoint_both_serve(cluster, gguf_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ellm", "serve", gguf_path, "--replicas", "2", "--port", str(port),
                              "--slots", "2", "--max-queue", "0", "--max-seq-len", str(MAX_SEQ_LEN), "--ray-address",
-                             cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAYON_NUM_THREADS": "1"})
+                             cluster.address, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, seconds=120)

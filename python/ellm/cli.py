@@ -120,6 +120,8 @@ def cmd_serve(args) -> int:
         raise EllmError(str(exc)) from None
     if args.slots < 1:
         raise ValueError(f"--slots must be >= 1, got {args.slots}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     if args.replicas is not None and args.ray_plan is not None:
@@ -136,12 +138,12 @@ def cmd_serve(args) -> int:
         except ImportError as exc:
             raise EllmError(str(exc)) from None
         serve_replicas(args.model, replicas=args.replicas, host=args.host, port=args.port,
-                       ray_address=args.ray_address, **options)
+                       ray_address=args.ray_address, threads_per_replica=args.threads, **options)
         return 0
     if args.ray_plan is not None and not os.path.isfile(args.ray_plan):
         raise FileNotFoundError(f"no partition plan at {args.ray_plan} (write one with ellm metadata --nodes ... --out)")
     serve(args.model, host=args.host, port=args.port, log_level=args.log_level, ray_plan=args.ray_plan,
-          ray_address=args.ray_address, **options)
+          ray_address=args.ray_address, threads=args.threads, **options)
     return 0
 
 
@@ -277,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, help="serve N engine replicas behind one endpoint on Ray Serve "
                                                 "(needs ellm[ray])")
     s.add_argument("--ray-address", help="the Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    s.add_argument("--threads", type=int, help="threads of the engine (of each replica with --replicas, of each "
+                                               "stage with --ray-plan); default: every core")
     s.set_defaults(run=cmd_serve)
 
     i = sub.add_parser("info", help="describe a model")

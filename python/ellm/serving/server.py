@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -250,9 +251,10 @@ def create_app(load: Callable[[], OpenAIServing] | OpenAIServing, *, api_key: st
 
 def serving_loader(model_path: str | None, *, slots: int = 4, max_seq_len: int = 2048, dtype: str = "auto",
                    max_queue: int = 64, ray_plan: Any = None, ray_address: str | None = None,
-                   fingerprint: str | None = None) -> Callable[[], OpenAIServing]:
+                   fingerprint: str | None = None, threads: int | None = None) -> Callable[[], OpenAIServing]:
     """What `create_app` runs to load the model (the bundled one when None): in this process, or
-    with `ray_plan` split into pipeline stages on Ray (`ellm.distributed.PipelineModel`)."""
+    with `ray_plan` split into pipeline stages on Ray (`ellm.distributed.PipelineModel`).
+    `threads`: the engine's threads here, or each stage's (default: every core)."""
 
     def load() -> OpenAIServing:
         from .._bundled import bundled_model_path
@@ -264,7 +266,10 @@ def serving_loader(model_path: str | None, *, slots: int = 4, max_seq_len: int =
             from ..distributed import PipelineModel
 
             model = PipelineModel.from_pretrained(path, ray_plan, dtype=dtype, max_seq_len=max_seq_len,
-                                                  max_batch_size=slots, address=ray_address)
+                                                  max_batch_size=slots, threads_per_stage=threads,
+                                                  address=ray_address)
+        elif threads is not None:
+            os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the engine's pool starts
         llm = Llama(path, max_seq_len=max_seq_len, max_batch_size=slots, dtype=dtype, model=model)
         serving = llm.serving(max_queue=max_queue)
         if fingerprint is not None:
@@ -276,11 +281,12 @@ def serving_loader(model_path: str | None, *, slots: int = 4, max_seq_len: int =
 
 def serve(model_path: str | None, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 4,
           max_seq_len: int = 2048, dtype: str = "auto", api_key: str | None = None, max_queue: int = 64,
-          log_level: str = "info", ray_plan: Any = None, ray_address: str | None = None) -> None:
+          log_level: str = "info", ray_plan: Any = None, ray_address: str | None = None,
+          threads: int | None = None) -> None:
     """Load the model (the bundled one when None; split over Ray nodes by `ray_plan`) and serve it
     until interrupted."""
     import uvicorn
 
     load = serving_loader(model_path, slots=slots, max_seq_len=max_seq_len, dtype=dtype, max_queue=max_queue,
-                          ray_plan=ray_plan, ray_address=ray_address)
+                          ray_plan=ray_plan, ray_address=ray_address, threads=threads)
     uvicorn.run(create_app(load, api_key=api_key), host=host, port=port, log_level=log_level)
