@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import get_backend
+from .batch_rules import check_token_ids
 from .config import ModelArgs
 from .errors import ModelBusyError, ModelFormatError
 from . import hooks as H
@@ -373,9 +374,7 @@ class Transformer:
             raise ValueError(f"batch of {batch} exceeds max_batch_size {a.max_batch_size}")
         if start_pos + seq > a.max_seq_len:
             raise ValueError(f"start_pos {start_pos} + {seq} tokens exceeds max_seq_len {a.max_seq_len}")
-        bad = tokens[(tokens < 0) | (tokens >= a.vocab_size)]
-        if bad.size:
-            raise ValueError(f"token id {int(bad[0])} is out of range for vocab_size {a.vocab_size}")
+        check_token_ids(tokens, a.vocab_size)
 
     def _step(self, tokens: np.ndarray, start_pos: int, all_logits: bool) -> np.ndarray:
         """One engine call; the caller holds the model."""
@@ -591,9 +590,7 @@ class Transformer:
         if max_len > a.max_seq_len or (max_len == a.max_seq_len and max_gen_len > 0):
             raise ValueError(f"a prompt of {max_len} tokens with max_seq_len {a.max_seq_len} leaves no room to "
                              "generate")
-        bad = [t for p in prompts for t in p if not 0 <= t < a.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of range for vocab_size {a.vocab_size}")
+        check_token_ids(np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts]), a.vocab_size)
         n = len(prompts)
         lengths = np.array([len(p) for p in prompts])
         limits = np.minimum(a.max_seq_len, lengths + max_gen_len)  # each sequence's last length

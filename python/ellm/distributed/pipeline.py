@@ -13,6 +13,7 @@ Python code).
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..errors import StageFailedError
 from ..model import Transformer
-from ..numpy_backend.llama import slot_runs
+from ..batch_rules import check_row_counts, check_token_ids, slot_runs
 from .placement import Placement, node_resources, placements
 from .stage_worker import StageWorker
 
@@ -75,10 +76,13 @@ class PipelineEngine:
             raise StageFailedError(f"the pipeline cannot run: {self.failure}")
 
     def _dead_stages(self, timeout: float = 2.0) -> list[str]:
+        """The stages that do not answer a ping within `timeout` (all pinged at once)."""
+        pings = [actor.ping.remote() for actor in self.actors]
+        deadline = time.monotonic() + timeout
         dead = []
-        for i, (actor, placement) in enumerate(zip(self.actors, self.placements)):
+        for i, (ping, placement) in enumerate(zip(pings, self.placements)):
             try:
-                ray.get(actor.ping.remote(), timeout=timeout)
+                ray.get(ping, timeout=max(0.0, deadline - time.monotonic()))
             except (RayError, GetTimeoutError) as exc:
                 dead.append(f"{_stage_name(i, placement)} died ({type(exc).__name__})")
         return dead
@@ -124,15 +128,11 @@ class PipelineEngine:
     def step(self, inputs: np.ndarray, slots: np.ndarray, positions: np.ndarray, logits: np.ndarray,
              hook: Any = None, hook_names: Any = None) -> np.ndarray:
         self.check_usable()
-        tokens = np.asarray(inputs)
+        tokens = np.asarray(inputs)  # 1-d token ids (Transformer.step checked them)
         wanted = np.asarray(logits, dtype=bool)
         n = len(tokens)
-        if tokens.ndim != 1 or n == 0 or not len(slots) == len(positions) == len(wanted) == n:
-            raise ValueError(f"a batch needs one slot, position and logits flag per token, and at least one token: "
-                             f"got {n} tokens, {len(slots)} slots, {len(positions)} positions, {len(wanted)} flags")
-        bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)]
-        if bad.size:
-            raise ValueError(f"token id {int(bad[0])} is out of range for vocab_size {self.vocab_size}")
+        check_row_counts(n, slots, positions, wanted)
+        check_token_ids(tokens, self.vocab_size)
         runs = slot_runs(slots, positions, self.lengths, self.max_seq_len)
         outputs = []
         for first, end in self._micro_batches(runs, n):

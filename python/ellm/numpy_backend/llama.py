@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import ModelArgs
 from .. import hooks as H
+from ..batch_rules import check_row_counts, check_token_ids, slot_runs
 from ..ops import rope_scaling_params
 from ..stage import Stage
 from . import kernels as K
@@ -114,12 +115,9 @@ class NumpyLlama:
                              "not token ids")
         if hidden and inputs.shape[1] != a.hidden_size:
             raise ValueError(f"hidden states must be [rows, {a.hidden_size}], got {list(inputs.shape)}")
-        if n == 0 or not len(slots) == len(positions) == len(wanted) == n:
-            raise ValueError(f"a batch needs one slot, position and logits flag per token, and at least one token: "
-                             f"got {n} tokens, {len(slots)} slots, {len(positions)} positions, {len(wanted)} flags")
-        bad = [] if hidden else [int(t) for t in inputs if not 0 <= t < a.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of range for vocab_size {a.vocab_size}")
+        check_row_counts(n, slots, positions, wanted)
+        if not hidden:
+            check_token_ids(inputs, a.vocab_size)
         return slot_runs(slots, positions, self.filled, a.max_seq_len)
 
     def _run(self, tokens, slots, positions, wanted, lead, logits_lead, hook, hook_names) -> np.ndarray:
@@ -220,29 +218,3 @@ class NumpyLlama:
         x = x + mlp_out
         emit(n(H.OUTPUT), layer, x, (h,))
         return x
-
-
-def slot_runs(slots, positions, lengths: list[int], max_seq_len: int) -> list[tuple[int, int, int, int]]:
-    """Split a step's rows into (slot, first row, end row, first position) runs, refusing rows that
-    break the rules: a slot's rows adjacent, at consecutive positions, starting at or before the
-    slot's length `lengths[slot]`."""
-    runs: list[list[int]] = []
-    for r, (slot, pos) in enumerate(zip(np.asarray(slots).tolist(), np.asarray(positions).tolist())):
-        if not 0 <= slot < len(lengths):
-            raise ValueError(f"slot {slot} does not exist: the cache has {len(lengths)} slots")
-        if not 0 <= pos < max_seq_len:
-            raise ValueError(f"position {pos} is past max_seq_len {max_seq_len}")
-        if runs and runs[-1][0] == slot:
-            if pos != runs[-1][3] + r - runs[-1][1]:
-                raise ValueError(f"slot {slot}'s tokens must be at consecutive positions: row {r} is at position "
-                                 f"{pos} after {runs[-1][3] + r - runs[-1][1] - 1}")
-            runs[-1][2] = r + 1
-            continue
-        if any(run[0] == slot for run in runs):
-            raise ValueError(f"slot {slot}'s tokens must be adjacent in the batch")
-        if pos > lengths[slot]:
-            raise ValueError(f"slot {slot} holds {lengths[slot]} positions, so its tokens must start at or "
-                             f"before position {lengths[slot]}, got {pos} (attention would read positions "
-                             "never written)")
-        runs.append([slot, r, r + 1, pos])
-    return [tuple(run) for run in runs]

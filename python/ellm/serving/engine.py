@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..batch_rules import check_token_ids
 from ..errors import EllmError
 from ..generation import StopStringFilter
 from ..sampling import apply_logit_bias, apply_penalties, apply_repetition_penalty, log_softmax, sample
@@ -163,9 +164,7 @@ class Engine:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of range for vocab_size {self.vocab_size}")
+        check_token_ids(prompt, self.vocab_size)
         if len(prompt) >= self.max_seq_len:
             raise ContextLengthError(f"this model's maximum context length is {self.max_seq_len} tokens; the prompt "
                                      f"has {len(prompt)}, leaving no room to generate")
