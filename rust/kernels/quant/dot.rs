@@ -79,7 +79,8 @@ pub fn active() -> DotPath {
     }
 }
 
-fn best() -> DotPath {
+/// The best path this CPU runs.
+pub fn best() -> DotPath {
     static BEST: AtomicU8 = AtomicU8::new(u8::MAX);
     let i = BEST.load(Relaxed);
     if i != u8::MAX {

@@ -1,4 +1,5 @@
-//! Quantized rows repacked at load, 16 at a time, for the AVX-512 VNNI kernel: each 32-bit lane
+//! Quantized rows repacked at load, 16 at a time, for the AVX-512 VNNI kernel (and, half a
+//! vector at a time, the AVX2 one in `interleaved_avx2`): each 32-bit lane
 //! of a vector holds 4 consecutive values of one of 16 rows, so one `vpdpbusd` against 4
 //! activation bytes broadcast to every lane advances 16 rows at once, and each block's scales
 //! arrive as one vector of 16 rows. (The row-at-a-time form would reduce every block of every
@@ -20,8 +21,8 @@ use super::{QuantKind, UnpackedRow};
 
 /// Rows per interleaved group.
 pub const ROWS: usize = 16;
-const VECTOR: usize = 64;
-const SUB: usize = 32;
+pub(super) const VECTOR: usize = 64;
+pub(super) const SUB: usize = 32;
 
 /// How one format's blocks are repacked: the value bits, and its scale bytes.
 pub trait Interleave: Block {
@@ -45,7 +46,7 @@ pub trait Interleave: Block {
     fn scale_offset(head: &[u8], sub_scales: &[u8], r: usize, half: usize) -> (f32, f32);
 }
 
-const fn value_bytes(bits: u32) -> usize {
+pub(super) const fn value_bytes(bits: u32) -> usize {
     match bits {
         8 => 8 * VECTOR,
         4 => 4 * VECTOR,
@@ -54,7 +55,7 @@ const fn value_bytes(bits: u32) -> usize {
     }
 }
 
-const fn sub_bytes<F: Interleave>() -> usize {
+pub(super) const fn sub_bytes<F: Interleave>() -> usize {
     value_bytes(F::BITS) + F::SUB_SCALES
 }
 

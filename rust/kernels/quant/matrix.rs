@@ -79,10 +79,11 @@ impl QuantMatrix {
         self
     }
 
-    /// Repack for the AVX-512 VNNI kernel where this CPU has it and the rows come in whole
-    /// groups of 16; otherwise keep the rows as they are.
+    /// Repack for the group kernels (AVX-512 VNNI, AVX2) where this CPU's best path has one and
+    /// the rows come in whole groups of 16; otherwise keep the rows as they are.
     pub fn for_this_cpu(self) -> Self {
-        if DotPath::Avx512Vnni.available() && self.rows.is_multiple_of(interleaved::ROWS) {
+        let grouped = matches!(dot::best(), DotPath::Avx512Vnni | DotPath::Avx2);
+        if grouped && self.rows.is_multiple_of(interleaved::ROWS) {
             self.interleave()
         } else {
             self
@@ -202,6 +203,10 @@ pub fn linear_many(x: &[f32], m: usize, mats: &[&QuantMatrix], outs: &mut [&mut 
                 Layout::Interleaved { data, group_bytes } if path == DotPath::Avx512Vnni => {
                     groups_product(w, data, *group_bytes, &act, &out, rows)
                 }
+                #[cfg(target_arch = "x86_64")]
+                Layout::Interleaved { data, group_bytes } if path == DotPath::Avx2 => {
+                    half_groups_product(w, data, *group_bytes, &act, &out, rows)
+                }
                 _ => rows_product(w, &act, path, &out, rows),
             }
         }
@@ -315,6 +320,48 @@ unsafe fn tiles<const G: usize>(
         with_kind!(kind, F => group_dot::<F, 1, G>(groups, act, i, &mut tile));
         for (k, rows) in tile.iter().enumerate() {
             put(k, i, &rows[0]);
+        }
+    }
+}
+
+/// `rows_product` for an interleaved matrix on the AVX2 kernel, half a group at a time: `rows`
+/// is whole groups.
+///
+/// # Safety
+/// As `rows_product`; and the CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+unsafe fn half_groups_product(
+    w: &QuantMatrix,
+    data: &[u8],
+    group_bytes: usize,
+    act: &QuantizedRows,
+    out: &DisjointWrites,
+    rows: Range<usize>,
+) {
+    use super::interleaved_avx2::{half_group_dot, HALF};
+    let n = w.rows;
+    for first_row in rows.step_by(interleaved::ROWS) {
+        let group = &data[first_row / interleaved::ROWS * group_bytes..][..group_bytes];
+        for r0 in [0, HALF] {
+            let put = |i: usize, values: &[f32; HALF]| {
+                for (r, &v) in values.iter().enumerate() {
+                    *out.at(i * n + first_row + r0 + r) = v;
+                }
+            };
+            let mut i = 0;
+            while i + TILE_INPUTS <= act.rows {
+                let mut tile = [[0.0f32; HALF]; TILE_INPUTS];
+                with_kind!(w.kind, F => half_group_dot::<F, TILE_INPUTS>(group, r0, act, i, &mut tile));
+                for (c, values) in tile.iter().enumerate() {
+                    put(i + c, values);
+                }
+                i += TILE_INPUTS;
+            }
+            for i in i..act.rows {
+                let mut tile = [[0.0f32; HALF]; 1];
+                with_kind!(w.kind, F => half_group_dot::<F, 1>(group, r0, act, i, &mut tile));
+                put(i, &tile[0]);
+            }
         }
     }
 }

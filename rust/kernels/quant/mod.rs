@@ -47,6 +47,8 @@ pub mod activation;
 pub mod blocks;
 pub mod dot;
 pub mod interleaved;
+#[cfg(target_arch = "x86_64")]
+pub mod interleaved_avx2;
 pub mod matrix;
 pub mod quantizer;
 #[cfg(test)]

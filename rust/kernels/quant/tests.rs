@@ -176,6 +176,51 @@ fn products_match_dequantized_weights_within_the_activation_error() {
 }
 
 #[test]
+fn the_largest_values_against_the_largest_activations_do_not_saturate() {
+    // every value at its format's largest (Q8_0: -128), every activation digit at +-127: the
+    // 16-bit sums of the AVX2 kernel are at their fullest here
+    let _lock = PATH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (rows, cols, m) = (16, 512, 5);
+    for kind in QuantKind::ALL {
+        let mut bytes = random_blocks(kind, rows, cols, 21);
+        let halves = match kind {
+            QuantKind::Q6_K => vec![208],
+            QuantKind::Q4_1 | QuantKind::Q5_1 | QuantKind::Q4_K | QuantKind::Q5_K => vec![0, 2],
+            _ => vec![0],
+        };
+        for b in bytes.chunks_exact_mut(kind.block_bytes()) {
+            let fill = if kind == QuantKind::Q8_0 { 0x80 } else { 0xFF };
+            b.fill(fill);
+            for &at in &halves {
+                b[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            }
+        }
+        let len = bytes.len();
+        let w = QuantMatrix::new(kind, rows, cols, Arc::new(bytes), 0..len).unwrap().interleave();
+        let mut dense = vec![0.0f32; rows * cols];
+        for (r, row) in dense.chunks_exact_mut(cols).enumerate() {
+            w.dequantize_row(r, row);
+        }
+        let x: Vec<f32> = (0..m * cols).map(|i| if (i / cols) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        for path in available_paths() {
+            dot::force(Some(path)).unwrap();
+            let mut out = vec![0.0f32; m * rows];
+            linear_many(&x, m, &[&w], &mut [&mut out]);
+            for i in 0..m {
+                for r in 0..rows {
+                    let (wr, xr) = (&dense[r * cols..(r + 1) * cols], &x[i * cols..(i + 1) * cols]);
+                    let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let got = out[i * rows + r] as f64;
+                    let tol = bound(wr, xr) as f64;
+                    assert!((got - exact).abs() <= tol, "{kind:?} {path:?} [{i},{r}]: {got} vs {exact}");
+                }
+            }
+        }
+        dot::force(None).unwrap();
+    }
+}
+
+#[test]
 fn every_path_gives_the_same_products_up_to_float_order() {
     let _lock = PATH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let w = matrix(QuantKind::Q4_K, 8, 256, 3);
