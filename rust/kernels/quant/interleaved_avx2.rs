@@ -139,27 +139,28 @@ const fn steps<F: Interleave>() -> usize {
     per_accumulator / if F::SPLIT { 1 } else { 2 }
 }
 
-/// `out[c][r]` = row `r0 + r` of one group against activation row `first + c`, for RX
-/// activation rows at once.
+/// `out[c][h][r]` = row `r0 + 8h + r` of one group against activation row `first + c`, for RX
+/// activation rows and H halves of the group at once (each activation broadcast feeds H
+/// products, each weight vector RX).
 ///
 /// # Safety
 /// `group` is one whole packed group of `F` for rows as long as `act`'s, activation rows
-/// `first..first + RX` exist, `r0` is 0 or 8, and the CPU has AVX2, FMA and F16C.
+/// `first..first + RX` exist, `r0 + 8H` is at most 16, and the CPU has AVX2, FMA and F16C.
 #[allow(clippy::needless_range_loop)] // index loops over arrays of vector registers
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn half_group_dot<F: Scales8, const RX: usize>(
+pub unsafe fn half_group_dot<F: Scales8, const RX: usize, const H: usize>(
     group: &[u8],
     r0: usize,
     act: &QuantizedRows,
     first: usize,
-    out: &mut [[f32; HALF]; RX],
+    out: &mut [[[f32; HALF]; H]; RX],
 ) {
     let blocks = group.len() / block_bytes::<F>();
     let subs = F::ELEMS / SUB;
     let half_of_hi = if F::SPLIT { 1 } else { 0 };
     let (first_digit, second_digit) = (_mm256_set1_epi16(1 << LO_SHIFT), _mm256_set1_epi16(1));
     let zero = _mm256_setzero_si256();
-    let mut acc = [_mm256_setzero_ps(); RX];
+    let mut acc = [[_mm256_setzero_ps(); H]; RX];
     for b in 0..blocks {
         let block = group.as_ptr().add(b * block_bytes::<F>());
         for j in 0..subs {
@@ -171,74 +172,94 @@ pub unsafe fn half_group_dot<F: Scales8, const RX: usize>(
                 }
             }
             let ab = b * subs + j; // the activation block
-                                   // [c][half]: i32 sums of both digits; [c][half][digit]: the i16 sums not yet widened
-            let mut ints = [[zero; 2]; RX];
-            let mut short = [[[zero; 2]; 2]; RX];
+                                   // [c][h][half]: i32 sums of both digits; [c][h][half][digit]: i16 sums not yet widened
+            let mut ints = [[[zero; 2]; H]; RX];
+            let mut short = [[[[zero; 2]; 2]; H]; RX];
             for g in 0..4 {
-                let (lo, hi) = values8(F::BITS, sub, g, r0);
-                let (lo_u, hi_u) = if F::BITS == 8 { (_mm256_abs_epi8(lo), _mm256_abs_epi8(hi)) } else { (lo, hi) };
+                let vals: [(__m256i, __m256i); H] = std::array::from_fn(|h| values8(F::BITS, sub, g, r0 + HALF * h));
+                let unsigned: [(__m256i, __m256i); H] = std::array::from_fn(|h| {
+                    let (lo, hi) = vals[h];
+                    if F::BITS == 8 {
+                        (_mm256_abs_epi8(lo), _mm256_abs_epi8(hi))
+                    } else {
+                        (lo, hi)
+                    }
+                });
                 for c in 0..RX {
                     let at = (first + c) * act.stride + ab * SUB + 4 * g;
-                    let (h, l) = (act.hi.as_ptr().add(at), act.lo.as_ptr().add(at));
-                    let mut digits = [broadcast4(h), broadcast4(l), broadcast4(h.add(16)), broadcast4(l.add(16))];
-                    if F::BITS == 8 {
-                        digits = [
-                            _mm256_sign_epi8(digits[0], lo),
-                            _mm256_sign_epi8(digits[1], lo),
-                            _mm256_sign_epi8(digits[2], hi),
-                            _mm256_sign_epi8(digits[3], hi),
-                        ];
-                    }
-                    let products = [
-                        (0, 0, _mm256_maddubs_epi16(lo_u, digits[0])),
-                        (0, 1, _mm256_maddubs_epi16(lo_u, digits[1])),
-                        (half_of_hi, 0, _mm256_maddubs_epi16(hi_u, digits[2])),
-                        (half_of_hi, 1, _mm256_maddubs_epi16(hi_u, digits[3])),
-                    ];
-                    for (half, digit, p) in products {
-                        if steps::<F>() == 0 {
-                            let weight = if digit == 0 { first_digit } else { second_digit };
-                            ints[c][half] = _mm256_add_epi32(ints[c][half], _mm256_madd_epi16(p, weight));
+                    let (hp, lp) = (act.hi.as_ptr().add(at), act.lo.as_ptr().add(at));
+                    let digits = [broadcast4(hp), broadcast4(lp), broadcast4(hp.add(16)), broadcast4(lp.add(16))];
+                    for h in 0..H {
+                        let (lo, hi) = vals[h];
+                        let (lo_u, hi_u) = unsigned[h];
+                        let d = if F::BITS == 8 {
+                            [
+                                _mm256_sign_epi8(digits[0], lo),
+                                _mm256_sign_epi8(digits[1], lo),
+                                _mm256_sign_epi8(digits[2], hi),
+                                _mm256_sign_epi8(digits[3], hi),
+                            ]
                         } else {
-                            short[c][half][digit] = _mm256_add_epi16(short[c][half][digit], p);
+                            digits
+                        };
+                        let products = [
+                            (0, 0, _mm256_maddubs_epi16(lo_u, d[0])),
+                            (0, 1, _mm256_maddubs_epi16(lo_u, d[1])),
+                            (half_of_hi, 0, _mm256_maddubs_epi16(hi_u, d[2])),
+                            (half_of_hi, 1, _mm256_maddubs_epi16(hi_u, d[3])),
+                        ];
+                        for (half, digit, p) in products {
+                            if steps::<F>() == 0 {
+                                let weight = if digit == 0 { first_digit } else { second_digit };
+                                ints[c][h][half] = _mm256_add_epi32(ints[c][h][half], _mm256_madd_epi16(p, weight));
+                            } else {
+                                short[c][h][half][digit] = _mm256_add_epi16(short[c][h][half][digit], p);
+                            }
                         }
                     }
                 }
                 if steps::<F>() > 0 && (g + 1) % steps::<F>() == 0 {
                     for c in 0..RX {
-                        for half in 0..=half_of_hi {
-                            let [s1, s2] = short[c][half];
-                            let wide = _mm256_add_epi32(
-                                _mm256_madd_epi16(s1, first_digit),
-                                _mm256_madd_epi16(s2, second_digit),
-                            );
-                            ints[c][half] = _mm256_add_epi32(ints[c][half], wide);
-                            short[c][half] = [zero; 2];
+                        for h in 0..H {
+                            for half in 0..=half_of_hi {
+                                let [s1, s2] = short[c][h][half];
+                                let wide = _mm256_add_epi32(
+                                    _mm256_madd_epi16(s1, first_digit),
+                                    _mm256_madd_epi16(s2, second_digit),
+                                );
+                                ints[c][h][half] = _mm256_add_epi32(ints[c][h][half], wide);
+                                short[c][h][half] = [zero; 2];
+                            }
                         }
                     }
                 }
             }
-            for half in 0..=half_of_hi {
-                let (scale, offset) = F::scales8(block, sub.add(value_bytes(F::BITS)), half, r0);
-                for c in 0..RX {
-                    let row = first + c;
-                    let da = _mm256_set1_ps(act.block_scale[row * act.stride / SUB + ab]);
-                    let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints[c][half]), _mm256_mul_ps(scale, da), acc[c]);
-                    acc[c] = if F::BITS == 8 {
-                        a
-                    } else {
-                        let asum = _mm256_set1_ps(if F::SPLIT {
-                            act.group_sums[row * act.stride / 16 + 2 * ab + half]
+            for h in 0..H {
+                for half in 0..=half_of_hi {
+                    let (scale, offset) = F::scales8(block, sub.add(value_bytes(F::BITS)), half, r0 + HALF * h);
+                    for c in 0..RX {
+                        let row = first + c;
+                        let da = _mm256_set1_ps(act.block_scale[row * act.stride / SUB + ab]);
+                        let sum = _mm256_cvtepi32_ps(ints[c][h][half]);
+                        let a = _mm256_fmadd_ps(sum, _mm256_mul_ps(scale, da), acc[c][h]);
+                        acc[c][h] = if F::BITS == 8 {
+                            a
                         } else {
-                            act.block_sums[row * act.stride / SUB + ab]
-                        });
-                        _mm256_fmadd_ps(offset, asum, a)
-                    };
+                            let asum = _mm256_set1_ps(if F::SPLIT {
+                                act.group_sums[row * act.stride / 16 + 2 * ab + half]
+                            } else {
+                                act.block_sums[row * act.stride / SUB + ab]
+                            });
+                            _mm256_fmadd_ps(offset, asum, a)
+                        };
+                    }
                 }
             }
         }
     }
     for c in 0..RX {
-        _mm256_storeu_ps(out[c].as_mut_ptr(), acc[c]);
+        for h in 0..H {
+            _mm256_storeu_ps(out[c][h].as_mut_ptr(), acc[c][h]);
+        }
     }
 }

@@ -324,8 +324,9 @@ unsafe fn tiles<const G: usize>(
     }
 }
 
-/// `rows_product` for an interleaved matrix on the AVX2 kernel, half a group at a time: `rows`
-/// is whole groups.
+/// `rows_product` for an interleaved matrix on the AVX2 kernel: `rows` is whole groups. Tiles
+/// of several input rows take half a group at a time (the registers hold no more); a single
+/// row takes the whole group.
 ///
 /// # Safety
 /// As `rows_product`; and the CPU has AVX2, FMA and F16C.
@@ -342,26 +343,27 @@ unsafe fn half_groups_product(
     let n = w.rows;
     for first_row in rows.step_by(interleaved::ROWS) {
         let group = &data[first_row / interleaved::ROWS * group_bytes..][..group_bytes];
-        for r0 in [0, HALF] {
-            let put = |i: usize, values: &[f32; HALF]| {
-                for (r, &v) in values.iter().enumerate() {
-                    *out.at(i * n + first_row + r0 + r) = v;
-                }
-            };
-            let mut i = 0;
-            while i + TILE_INPUTS <= act.rows {
-                let mut tile = [[0.0f32; HALF]; TILE_INPUTS];
-                with_kind!(w.kind, F => half_group_dot::<F, TILE_INPUTS>(group, r0, act, i, &mut tile));
-                for (c, values) in tile.iter().enumerate() {
-                    put(i + c, values);
-                }
-                i += TILE_INPUTS;
+        let put = |i: usize, r0: usize, values: &[f32; HALF]| {
+            for (r, &v) in values.iter().enumerate() {
+                *out.at(i * n + first_row + r0 + r) = v;
             }
-            for i in i..act.rows {
-                let mut tile = [[0.0f32; HALF]; 1];
-                with_kind!(w.kind, F => half_group_dot::<F, 1>(group, r0, act, i, &mut tile));
-                put(i, &tile[0]);
+        };
+        let mut i = 0;
+        while i + TILE_INPUTS <= act.rows {
+            for r0 in [0, HALF] {
+                let mut tile = [[[0.0f32; HALF]; 1]; TILE_INPUTS];
+                with_kind!(w.kind, F => half_group_dot::<F, TILE_INPUTS, 1>(group, r0, act, i, &mut tile));
+                for (c, [values]) in tile.iter().enumerate() {
+                    put(i + c, r0, values);
+                }
             }
+            i += TILE_INPUTS;
+        }
+        for i in i..act.rows {
+            let mut tile = [[[0.0f32; HALF]; 2]; 1];
+            with_kind!(w.kind, F => half_group_dot::<F, 1, 2>(group, 0, act, i, &mut tile));
+            put(i, 0, &tile[0][0]);
+            put(i, HALF, &tile[0][1]);
         }
     }
 }
