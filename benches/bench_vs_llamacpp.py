@@ -5,11 +5,15 @@ llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`, allow_requantize), 
 `benches/.models/`. Each measurement runs in a fresh process (so load time and peak RSS are a
 cold model's), ellm and llama.cpp taking turns; the table shows the median of the rounds.
 
-llama.cpp comes from llama-cpp-python compiled from source with AVX-512/VNNI on and AMX off:
+llama.cpp comes from llama-cpp-python compiled from source for this CPU without a native build
+(AVX-512/VNNI on and AMX off where the CPU has AVX-512; AVX2/FMA/F16C on a CPU without it):
 either importable here, or in the Python named by ELLM_LLAMA_CPP_PYTHON, or built by
-`--build` into `benches/.llama-venv` (a few minutes):
+`--build` into `benches/.llama-venv` (a few minutes), with `pip install --no-cache-dir` so a
+wheel built for another CPU is not reused:
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
-    -DGGML_AVX_VNNI=ON" pip install llama-cpp-python
+    -DGGML_AVX_VNNI=ON" pip install --no-cache-dir llama-cpp-python
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+    -DGGML_AVX512=OFF" pip install --no-cache-dir llama-cpp-python
 Without it the benchmark says so and exits (it is not part of CI).
 
 Usage: python benches/bench_vs_llamacpp.py [--build] [--rounds N]
@@ -28,8 +32,19 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(HERE, ".models")
 LLAMA_VENV = os.path.join(HERE, ".llama-venv")
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
-              "-DGGML_AVX_VNNI=ON")
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((set(line.split()[2:]) for line in fh if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+# a native build would emit AMX on the AVX-512 machines this was first measured on, which fault
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON"
+              if "avx512f" in cpu_flags() else
+              "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF")
 THREADS = 2
 PROMPT = 128
 DECODE_STEPS = 64
@@ -116,11 +131,11 @@ def read_pass_gbs(path: str) -> float:
     import numpy as np
 
     data = np.fromfile(path, dtype=np.uint8)
-    data = data[:len(data) // 64 * 64].view(np.float32)
+    data = data[:len(data) // 64 * 64].view(np.uint64)  # integers: no overflow or NaN warnings
     parts = np.array_split(data, THREADS)
     with ThreadPoolExecutor(THREADS) as pool:
-        list(pool.map(np.sum, parts))
-        best = min(timed(lambda: list(pool.map(np.sum, parts))) for _ in range(10))
+        list(pool.map(np.bitwise_xor.reduce, parts))
+        best = min(timed(lambda: list(pool.map(np.bitwise_xor.reduce, parts))) for _ in range(10))
     return data.nbytes / best / 1e9
 
 
@@ -137,7 +152,7 @@ def llama_python(build: bool) -> str | None:
     print(f"building llama-cpp-python into {LLAMA_VENV} (CMAKE_ARGS={CMAKE_ARGS}) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", LLAMA_VENV], check=True)
     python = os.path.join(LLAMA_VENV, "bin", "python")
-    subprocess.run([python, "-m", "pip", "install", "--quiet", "llama-cpp-python", "numpy"], check=True,
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-cache-dir", "llama-cpp-python", "numpy"], check=True,
                    env={**os.environ, "CMAKE_ARGS": CMAKE_ARGS})
     return python
 
@@ -180,8 +195,8 @@ def main() -> None:
 
     python = llama_python(args.build)
     if python is None:
-        print("SKIPPED: llama-cpp-python is not installed. Build it with AVX-512/VNNI on and AMX off:\n"
-              f'  CMAKE_ARGS="{CMAKE_ARGS}" pip install llama-cpp-python\n'
+        print("SKIPPED: llama-cpp-python is not installed. Build it for this CPU (no native build):\n"
+              f'  CMAKE_ARGS="{CMAKE_ARGS}" pip install --no-cache-dir llama-cpp-python\n'
               "then set ELLM_LLAMA_CPP_PYTHON to that Python, or run this with --build.")
         return
     files = make_files(python, bundled_model_path())
@@ -204,8 +219,12 @@ def main() -> None:
         c = {k: med(name, "llama.cpp", k) for k in ("decode", "prefill128", "prefill512", "load", "rss")}
         weights = med(name, "ellm", "weight_bytes")
         rows.append((name, e, c, size, weights, bandwidth))
+    import ellm
+
+    simd = "AVX-512" if "avx512f" in cpu_flags() else "AVX2" if "avx2" in cpu_flags() else "no AVX2"
     print(f"ellm vs llama.cpp, {THREADS} threads, median of {args.rounds} rounds run alternately "
-          f"(decode after a {PROMPT}-token prompt)")
+          f"(decode after a {PROMPT}-token prompt); {simd} CPU, ellm's quantized kernels: "
+          f"{ellm._backend.require_rust().quant_path()}")
     head = (f"{'file':7} {'decode tok/s':>22} {'prefill128 tok/s':>22} {'prefill512 tok/s':>22} "
             f"{'load to logits s':>22} {'peak RSS / file':>17} {'weights GB/s (read)':>20}")
     print(head)
