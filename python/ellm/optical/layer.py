@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from .. import ops
+from ..numpy_backend.kernels import GOLDEN_GAMMA, splitmix_mix
 from .profiles import DEFAULT_PROFILE, HardwareProfile, resolve_profile
 
 _MASK64 = (1 << 64) - 1
@@ -19,9 +20,7 @@ _MASK64 = (1 << 64) - 1
 
 def call_seed(seed: int, call: int) -> int:
     """The noise seed of a layer's `call`-th noisy forward (SplitMix64 of the pair)."""
-    from ..numpy_backend.kernels import GOLDEN_GAMMA, splitmix_mix
-
-    return int(splitmix_mix((seed + (call + 1) * GOLDEN_GAMMA) & _MASK64))
+    return splitmix_mix((seed + (call + 1) * GOLDEN_GAMMA) & _MASK64)
 
 
 def check_seed(seed) -> int:

@@ -43,6 +43,8 @@ def _kernel_array(t: torch.Tensor):
 
 
 def _as_float32_cpu(t: torch.Tensor, name: str) -> torch.Tensor:
+    if isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.is_cpu:
+        return t  # the usual case, first: checks cost microseconds on every call
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"OpticalLinear: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":

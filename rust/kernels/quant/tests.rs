@@ -295,3 +295,30 @@ fn unpacked_rows_dequantize_to_the_formats_values() {
         assert_eq!(out[j + 16], 0.5 * (15 - j) as f32 - 1.0);
     }
 }
+
+#[test]
+#[ignore]
+fn zz_bench_group_kernel() {
+    use std::time::Instant;
+    for (rows, reps) in [(256usize, 2000usize), (65536, 8)] {
+        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
+            let cols = 576;
+            let w = matrix(kind, rows, cols, 1).for_this_cpu();
+            for m in [1usize, 8, 64] {
+                let x = inputs(m, cols, 2);
+                let mut out = vec![0.0f32; m * rows];
+                let t = Instant::now();
+                for _ in 0..reps {
+                    crate::kernels::pool::install(|| linear_many(&x, m, &[&w], &mut [&mut out]));
+                }
+                let s = t.elapsed().as_secs_f64();
+                let macs = (rows * cols * m * reps) as f64;
+                println!(
+                    "{kind:?} rows {rows} m {m}: {:.2} GMAC/s, {:.2} GB/s of weights",
+                    macs / s / 1e9,
+                    (w.nbytes() * reps) as f64 / s / 1e9
+                );
+            }
+        }
+    }
+}
