@@ -8,7 +8,6 @@ use rayon::prelude::*;
 use super::matmul::{gemm_into, View};
 use super::pool;
 use super::pool::DisjointWrites;
-use super::simd::{axpy, dot};
 use super::softmax::softmax_in_place;
 use crate::error::{EllmError, Result};
 
@@ -20,12 +19,19 @@ pub struct KvView<'a> {
     pub head_stride: usize,
 }
 
-impl KvView<'_> {
+impl<'a> KvView<'a> {
+    /// Head g's vectors from position `first` on.
     #[inline]
-    fn vector(&self, t: usize, g: usize, d: usize) -> &[f32] {
-        let start = t * self.row_stride + g * self.head_stride;
-        &self.data[start..start + d]
+    fn head(&self, g: usize, first: usize) -> HeadView<'a> {
+        HeadView { data: &self.data[first * self.row_stride + g * self.head_stride..], stride: self.row_stride }
     }
+}
+
+/// One head's key or value vectors: vector t starts at `t * stride`.
+#[derive(Clone, Copy)]
+pub struct HeadView<'a> {
+    data: &'a [f32],
+    stride: usize,
 }
 
 pub struct AttentionShape {
@@ -99,19 +105,48 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
     pool::install(|| {
         out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
             let (i, h) = (idx / shape.n_heads, idx % shape.n_heads);
-            let g = h / group;
-            let qv = &q[idx * d..(idx + 1) * d];
             let keys = shape.visible(i);
             scores.clear();
-            scores.extend(keys.clone().map(|t| dot(qv, k.vector(t, g, d)) * shape.scale));
-            softmax_in_place(scores);
-            o.fill(0.0);
-            for (t, &p) in keys.zip(scores.iter()) {
-                axpy(p, v.vector(t, g, d), o);
-            }
+            scores.resize(keys.len(), 0.0);
+            let (kg, vg) = (k.head(h / group, keys.start), v.head(h / group, keys.start));
+            attend_one(&q[idx * d..(idx + 1) * d], kg, vg, shape.scale, scores, o);
         })
     });
     Ok(())
+}
+
+crate::kernels::math::dispatch! {
+    /// One query against one head's keys and values (`scores.len()` of them, from the views'
+    /// first position): the scores, their softmax, and the weighted sum of the values into `o`.
+    /// Compiled whole for the CPU's vector unit, so the head-wide products are inlined rather
+    /// than a call each.
+    fn attend_one(qv: &[f32], k: HeadView<'_>, v: HeadView<'_>, scale: f32, scores: &mut [f32], o: &mut [f32]) {
+        let d = qv.len();
+        for (t, s) in scores.iter_mut().enumerate() {
+            *s = dot_inline(qv, &k.data[t * k.stride..t * k.stride + d]) * scale;
+        }
+        softmax_in_place(scores);
+        o.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            for (oj, &vj) in o.iter_mut().zip(&v.data[t * v.stride..t * v.stride + d]) {
+                *oj += p * vj;
+            }
+        }
+    }
+}
+
+/// A dot product in 8 lanes (one 256-bit register), summed lane by lane at the end.
+#[inline(always)]
+fn dot_inline(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Per head: scores = Q K^T (GEMM), causal mask and softmax by row, then P V (GEMM) written into
