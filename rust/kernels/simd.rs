@@ -99,22 +99,6 @@ pub fn has_avx512() -> bool {
     std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl")
 }
 
-/// `y += alpha * x`
-#[inline]
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2_fma() {
-            // SAFETY: as above.
-            return unsafe { x86::axpy_avx2(alpha, x, y) };
-        }
-    }
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn has_avx2_fma() -> bool {
@@ -296,23 +280,6 @@ mod x86 {
         _mm512_storeu_ps(lanes.as_mut_ptr(), z);
         std::array::from_fn(|a| lanes[4 * (a % 4) + a / 4])
     }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len();
-        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-        let va = _mm256_set1_ps(alpha);
-        let mut i = 0;
-        while i + 8 <= n {
-            let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), r);
-            i += 8;
-        }
-        while i < n {
-            *py.add(i) += alpha * *px.add(i);
-            i += 1;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -419,16 +386,6 @@ mod tests {
                 assert_eq!(rows.row(r), &x[r * 21..(r + 1) * 21]);
                 assert_eq!(rows.row(r).as_ptr() as usize % 64, like[offset..].as_ptr() as usize % 64);
             }
-        }
-    }
-
-    #[test]
-    fn axpy_adds_scaled_vector() {
-        let x: Vec<f32> = (0..19).map(|i| i as f32).collect();
-        let mut y = vec![1.0f32; 19];
-        axpy(2.0, &x, &mut y);
-        for (i, &v) in y.iter().enumerate() {
-            assert_eq!(v, 1.0 + 2.0 * i as f32);
         }
     }
 }
