@@ -31,20 +31,23 @@ fn scale(r: &mut Xoshiro256PlusPlus) -> [u8; 2] {
     f16::from_f32(v).to_le_bytes()
 }
 
+/// Where a block's f16 fields are (d, and m or dmin), by format.
+fn scale_fields(kind: QuantKind) -> &'static [usize] {
+    match kind {
+        QuantKind::Q4_0 | QuantKind::Q5_0 | QuantKind::Q8_0 => &[0],
+        QuantKind::Q4_1 | QuantKind::Q5_1 | QuantKind::Q4_K | QuantKind::Q5_K => &[0, 2],
+        QuantKind::Q6_K => &[208],
+    }
+}
+
 /// `rows` rows of random blocks of `kind`, with the f16 scale fields set by `scale`.
 fn random_blocks(kind: QuantKind, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let mut r = rng(seed);
     let blocks = rows * cols / kind.block_elems();
     let size = kind.block_bytes();
     let mut bytes: Vec<u8> = (0..blocks * size).map(|_| r.next_u32() as u8).collect();
-    // where the f16 fields are (d, m / dmin), by format
-    let halves: &[usize] = match kind {
-        QuantKind::Q4_0 | QuantKind::Q5_0 | QuantKind::Q8_0 => &[0],
-        QuantKind::Q4_1 | QuantKind::Q5_1 | QuantKind::Q4_K | QuantKind::Q5_K => &[0, 2],
-        QuantKind::Q6_K => &[208],
-    };
     for b in bytes.chunks_exact_mut(size) {
-        for &at in halves {
+        for &at in scale_fields(kind) {
             b[at..at + 2].copy_from_slice(&scale(&mut r));
         }
     }
@@ -147,32 +150,38 @@ fn products_match_dequantized_weights_within_the_activation_error() {
         .flat_map(|k| [matrix(k, rows, cols, 1), matrix(k, rows, cols, 1).interleave()])
         .enumerate()
     {
-        let kind = w.kind;
         let x = inputs(m, cols, 100 + seed as u64);
-        let mut dense = vec![0.0f32; rows * cols];
-        for (r, row) in dense.chunks_exact_mut(cols).enumerate() {
-            w.dequantize_row(r, row);
-        }
-        for path in available_paths() {
-            dot::force(Some(path)).unwrap();
-            let mut out = vec![0.0f32; m * rows];
-            linear_many(&x, m, &[&w], &mut [&mut out]);
-            for i in 0..m {
-                for r in 0..rows {
-                    let (wr, xr) = (&dense[r * cols..(r + 1) * cols], &x[i * cols..(i + 1) * cols]);
-                    let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let got = out[i * rows + r];
-                    let tol = bound(wr, xr);
-                    assert!(
-                        ((got as f64) - exact).abs() <= tol as f64,
-                        "{kind:?} {path:?} interleaved {} [{i},{r}]: {got} vs {exact} (bound {tol})",
-                        w.is_interleaved()
-                    );
-                }
+        assert_every_path_within_the_bound(&w, &x, m);
+    }
+}
+
+/// `linear_many` of `x` (`m` rows) with `w` on every path this CPU runs, against the dequantized
+/// weights in f64, within `bound`.
+fn assert_every_path_within_the_bound(w: &QuantMatrix, x: &[f32], m: usize) {
+    let (rows, cols, kind) = (w.rows, w.cols, w.kind);
+    let mut dense = vec![0.0f32; rows * cols];
+    for (r, row) in dense.chunks_exact_mut(cols).enumerate() {
+        w.dequantize_row(r, row);
+    }
+    for path in available_paths() {
+        dot::force(Some(path)).unwrap();
+        let mut out = vec![0.0f32; m * rows];
+        linear_many(x, m, &[w], &mut [&mut out]);
+        for i in 0..m {
+            for r in 0..rows {
+                let (wr, xr) = (&dense[r * cols..(r + 1) * cols], &x[i * cols..(i + 1) * cols]);
+                let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let got = out[i * rows + r];
+                let tol = bound(wr, xr);
+                assert!(
+                    ((got as f64) - exact).abs() <= tol as f64,
+                    "{kind:?} {path:?} interleaved {} [{i},{r}]: {got} vs {exact} (bound {tol})",
+                    w.is_interleaved()
+                );
             }
         }
-        dot::force(None).unwrap();
     }
+    dot::force(None).unwrap();
 }
 
 #[test]
@@ -183,40 +192,17 @@ fn the_largest_values_against_the_largest_activations_do_not_saturate() {
     let (rows, cols, m) = (16, 512, 5);
     for kind in QuantKind::ALL {
         let mut bytes = random_blocks(kind, rows, cols, 21);
-        let halves = match kind {
-            QuantKind::Q6_K => vec![208],
-            QuantKind::Q4_1 | QuantKind::Q5_1 | QuantKind::Q4_K | QuantKind::Q5_K => vec![0, 2],
-            _ => vec![0],
-        };
         for b in bytes.chunks_exact_mut(kind.block_bytes()) {
             let fill = if kind == QuantKind::Q8_0 { 0x80 } else { 0xFF };
             b.fill(fill);
-            for &at in &halves {
+            for &at in scale_fields(kind) {
                 b[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
             }
         }
         let len = bytes.len();
         let w = QuantMatrix::new(kind, rows, cols, Arc::new(bytes), 0..len).unwrap().interleave();
-        let mut dense = vec![0.0f32; rows * cols];
-        for (r, row) in dense.chunks_exact_mut(cols).enumerate() {
-            w.dequantize_row(r, row);
-        }
         let x: Vec<f32> = (0..m * cols).map(|i| if (i / cols) % 2 == 0 { 1.0 } else { -1.0 }).collect();
-        for path in available_paths() {
-            dot::force(Some(path)).unwrap();
-            let mut out = vec![0.0f32; m * rows];
-            linear_many(&x, m, &[&w], &mut [&mut out]);
-            for i in 0..m {
-                for r in 0..rows {
-                    let (wr, xr) = (&dense[r * cols..(r + 1) * cols], &x[i * cols..(i + 1) * cols]);
-                    let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let got = out[i * rows + r] as f64;
-                    let tol = bound(wr, xr) as f64;
-                    assert!((got - exact).abs() <= tol, "{kind:?} {path:?} [{i},{r}]: {got} vs {exact}");
-                }
-            }
-        }
-        dot::force(None).unwrap();
+        assert_every_path_within_the_bound(&w, &x, m);
     }
 }
 
@@ -293,32 +279,5 @@ fn unpacked_rows_dequantize_to_the_formats_values() {
     for j in 0..16 {
         assert_eq!(out[j], 0.5 * j as f32 - 1.0);
         assert_eq!(out[j + 16], 0.5 * (15 - j) as f32 - 1.0);
-    }
-}
-
-#[test]
-#[ignore]
-fn zz_bench_group_kernel() {
-    use std::time::Instant;
-    for (rows, reps) in [(256usize, 2000usize), (65536, 8)] {
-        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
-            let cols = 576;
-            let w = matrix(kind, rows, cols, 1).for_this_cpu();
-            for m in [1usize, 8, 64] {
-                let x = inputs(m, cols, 2);
-                let mut out = vec![0.0f32; m * rows];
-                let t = Instant::now();
-                for _ in 0..reps {
-                    crate::kernels::pool::install(|| linear_many(&x, m, &[&w], &mut [&mut out]));
-                }
-                let s = t.elapsed().as_secs_f64();
-                let macs = (rows * cols * m * reps) as f64;
-                println!(
-                    "{kind:?} rows {rows} m {m}: {:.2} GMAC/s, {:.2} GB/s of weights",
-                    macs / s / 1e9,
-                    (w.nbytes() * reps) as f64 / s / 1e9
-                );
-            }
-        }
     }
 }
