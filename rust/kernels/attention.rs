@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::matmul::{gemm_into, View};
 use super::pool;
 use super::pool::DisjointWrites;
+use super::simd::dot_portable;
 use super::softmax::softmax_in_place;
 use crate::error::{EllmError, Result};
 
@@ -123,7 +124,7 @@ crate::kernels::math::dispatch! {
     fn attend_one(qv: &[f32], k: HeadView<'_>, v: HeadView<'_>, scale: f32, scores: &mut [f32], o: &mut [f32]) {
         let d = qv.len();
         for (t, s) in scores.iter_mut().enumerate() {
-            *s = dot_inline(qv, &k.data[t * k.stride..t * k.stride + d]) * scale;
+            *s = dot_portable(qv, &k.data[t * k.stride..t * k.stride + d]) * scale;
         }
         softmax_in_place(scores);
         o.fill(0.0);
@@ -133,20 +134,6 @@ crate::kernels::math::dispatch! {
             }
         }
     }
-}
-
-/// A dot product in 8 lanes (one 256-bit register), summed lane by lane at the end.
-#[inline(always)]
-fn dot_inline(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Per head: scores = Q K^T (GEMM), causal mask and softmax by row, then P V (GEMM) written into

@@ -119,18 +119,21 @@ pub fn sum(a: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-/// Eight independent accumulators, so the compiler can keep them in one vector register.
+/// Eight independent accumulators, so the compiler can keep them in one vector register (inlined
+/// into callers compiled for a vector unit, such as `attention`'s `dispatch!`ed loop).
+#[inline(always)]
 pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (ac, bc) = (a.chunks_exact(8), b[..a.len()].chunks_exact(8));
+    let (a_tail, b_tail) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] += x[l] * y[l];
         }
     }
     let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        sum += x * y;
     }
     sum
 }
