@@ -120,15 +120,15 @@ GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _GAMMA = np.uint64(GOLDEN_GAMMA)
 
 
-_MASK64 = (1 << 64) - 1
+MASK64 = (1 << 64) - 1  # Python ints kept to 64 bits
 
 
 def splitmix_mix(z):
     """SplitMix64's output function (Steele, Lea & Flood, 2014), elementwise on uint64; a Python
     int gives a Python int (a layer's seed per call: NumPy scalars under errstate cost ~30 us)."""
     if isinstance(z, int):
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
         return z ^ (z >> 31)
     z = np.asarray(z, dtype=np.uint64)
     with np.errstate(over="ignore"):  # the products wrap modulo 2**64, as the function means

@@ -12,19 +12,17 @@ import math
 import numpy as np
 
 from .. import ops
-from ..numpy_backend.kernels import GOLDEN_GAMMA, splitmix_mix
+from ..numpy_backend.kernels import GOLDEN_GAMMA, MASK64, splitmix_mix
 from .profiles import DEFAULT_PROFILE, HardwareProfile, resolve_profile
-
-_MASK64 = (1 << 64) - 1
 
 
 def call_seed(seed: int, call: int) -> int:
     """The noise seed of a layer's `call`-th noisy forward (SplitMix64 of the pair)."""
-    return splitmix_mix((seed + (call + 1) * GOLDEN_GAMMA) & _MASK64)
+    return splitmix_mix((seed + (call + 1) * GOLDEN_GAMMA) & MASK64)
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK64:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MASK64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     return seed
 
@@ -53,7 +51,7 @@ class OpticalLinear:
         self.profile = resolve_profile(hardware_profile, precision=precision, noise_level=noise_level,
                                        temp_drift=temp_drift)
         if seed is None:
-            seed = int(np.random.SeedSequence().entropy) & _MASK64
+            seed = int(np.random.SeedSequence().entropy) & MASK64
         self.seed = check_seed(seed)
         self.weight, self.bias = initial_parameters(in_features, out_features, bias, seed)
         self.training = True
