@@ -22,7 +22,9 @@ pub const PAD: usize = 64;
 /// the digits `hi` and `lo`; per 4-value lane the scale of the combined sum, `d / 128`
 /// (`scale_lanes`, for the row-at-a-time kernel); per block of 32 the same scale
 /// (`block_scale`) and the dequantized sum (`block_sums`); per group of 16 the dequantized sum
-/// (`group_sums`). The sums meet the weights' offsets.
+/// (`group_sums`). The sums meet the weights' offsets. For kernels that multiply 16-bit values
+/// (AVX2 on 8-bit weights), also both digits as one integer, `(hi << 7) + lo` (`wide`), and
+/// per block the sum of those (`wide_sums`).
 pub struct QuantizedRows {
     pub rows: usize,
     pub k: usize,
@@ -34,6 +36,8 @@ pub struct QuantizedRows {
     pub block_scale: Vec<f32>,
     pub block_sums: Vec<f32>,
     pub group_sums: Vec<f32>,
+    pub wide: Vec<i16>,
+    pub wide_sums: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -52,6 +56,8 @@ impl QuantizedRows {
             block_scale: vec![0.0; rows * stride / ACT_BLOCK],
             block_sums: vec![0.0; rows * stride / ACT_BLOCK],
             group_sums: vec![0.0; rows * stride / GROUP],
+            wide: vec![0; rows * stride],
+            wide_sums: vec![0; rows * stride / ACT_BLOCK],
         };
         fill(&mut out, x);
         out
@@ -114,13 +120,16 @@ fn fill(out: &mut QuantizedRows, x: &[f32]) {
         .zip(out.scale_lanes.chunks_mut(lanes))
         .zip(out.block_scale.chunks_mut(blocks).zip(out.block_sums.chunks_mut(blocks)))
         .zip(out.group_sums.chunks_mut(groups))
-        .map(|((((hi, lo), scale_lanes), (block_scale, block_sums)), group_sums)| RowParts {
+        .zip(out.wide.chunks_mut(stride).zip(out.wide_sums.chunks_mut(blocks)))
+        .map(|(((((hi, lo), scale_lanes), (block_scale, block_sums)), group_sums), (wide, wide_sums))| RowParts {
             hi,
             lo,
             scale_lanes,
             block_scale,
             block_sums,
             group_sums,
+            wide,
+            wide_sums,
         })
         .collect();
     let rows: Vec<(&[f32], RowParts<'_>)> = x.chunks_exact(k).zip(parts).collect();
@@ -142,6 +151,8 @@ struct RowParts<'a> {
     block_scale: &'a mut [f32],
     block_sums: &'a mut [f32],
     group_sums: &'a mut [f32],
+    wide: &'a mut [i16],
+    wide_sums: &'a mut [i32],
 }
 
 crate::kernels::math::dispatch! {
@@ -154,14 +165,17 @@ crate::kernels::math::dispatch! {
             let scale = d / LO_SCALE;
             out.scale_lanes[at / LANE..(at + ACT_BLOCK) / LANE].fill(scale);
             out.block_scale[b] = scale;
+            let wide = &mut out.wide[at..at + ACT_BLOCK];
+            for ((w, &h), &l) in wide.iter_mut().zip(hi.iter()).zip(lo.iter()) {
+                *w = ((h as i16) << LO_SHIFT) + l as i16;
+            }
             let mut sums = [0i32; ACT_BLOCK / GROUP];
             for (g, sum) in sums.iter_mut().enumerate() {
-                for i in g * GROUP..(g + 1) * GROUP {
-                    *sum += ((hi[i] as i32) << LO_SHIFT) + lo[i] as i32;
-                }
+                *sum = wide[g * GROUP..(g + 1) * GROUP].iter().map(|&w| w as i32).sum();
                 out.group_sums[at / GROUP + g] = scale * *sum as f32;
             }
-            out.block_sums[b] = scale * sums.iter().sum::<i32>() as f32;
+            out.wide_sums[b] = sums.iter().sum();
+            out.block_sums[b] = scale * out.wide_sums[b] as f32;
         }
     }
 }
