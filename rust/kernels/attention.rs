@@ -221,51 +221,74 @@ mod avx2 {
     }
 }
 
-/// Per head: scores = Q K^T (GEMM), causal mask and softmax by row, then P V (GEMM) written into
-/// the head's columns of `out`. Heads run in parallel; each GEMM is single-threaded.
+/// Queries per task of `attention_by_heads`.
+const QUERY_CHUNK: usize = 64;
+
+/// Per head and chunk of queries: scores = Q K^T (GEMM) over the keys the chunk can see, the
+/// mask and softmax by row, then P V (GEMM) into the head's columns of `out`. A causal prefill
+/// so skips the keys after a chunk's last query (about half of all), and the tasks (heads x
+/// chunks) share out evenly where heads alone would not. Each GEMM is single-threaded.
 fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &mut [f32]) {
-    let (sq, sk, nh, d) = (shape.q_len, shape.kv_len, shape.n_heads, shape.head_dim);
+    let (sq, nh, d) = (shape.q_len, shape.n_heads, shape.head_dim);
     let group = nh / shape.n_kv_heads;
     let row = nh * d;
+    let chunks = sq.div_ceil(QUERY_CHUNK);
     let out_ptr = DisjointWrites(out.as_mut_ptr());
     pool::install(|| {
-        (0..nh).into_par_iter().for_each(|h| {
+        (0..nh * chunks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+            let (h, c) = (task / chunks, task % chunks);
             let g = h / group;
-            let mut scores = vec![0.0f32; sq * sk];
+            let queries = c * QUERY_CHUNK..((c + 1) * QUERY_CHUNK).min(sq);
+            // the keys some query of the chunk sees: visible ranges only move forward
+            let keys = shape.visible(queries.start).start..shape.visible(queries.end - 1).end;
+            let (m, n) = (queries.len(), keys.len());
+            scores.clear();
+            scores.resize(m * n, 0.0);
             // SAFETY: every view below stays inside its buffer (q: [sq, nh, d]; k, v: kv_len rows
-            // of the view; scores: [sq, sk]), and head h writes only its own d columns of `out`.
+            // of the view, of which `keys`; scores: [m, n]), and the task writes only rows
+            // `queries` of head h's d columns of `out`.
             unsafe {
                 gemm_into(
-                    sq,
-                    sk,
+                    m,
+                    n,
                     d,
                     scores.as_mut_ptr(),
-                    sk,
+                    n,
                     1,
-                    View { ptr: q.as_ptr().add(h * d), row_stride: row, col_stride: 1 },
-                    View { ptr: k.data.as_ptr().add(g * k.head_stride), row_stride: 1, col_stride: k.row_stride },
+                    View { ptr: q.as_ptr().add(queries.start * row + h * d), row_stride: row, col_stride: 1 },
+                    View {
+                        ptr: k.data.as_ptr().add(keys.start * k.row_stride + g * k.head_stride),
+                        row_stride: 1,
+                        col_stride: k.row_stride,
+                    },
                     gemm::Parallelism::None,
                 );
-                for x in scores.iter_mut() {
+            }
+            for (i, r) in (queries.start..).zip(scores.chunks_exact_mut(n)) {
+                let visible = shape.visible(i);
+                let (first, end) = (visible.start - keys.start, visible.end - keys.start);
+                r[..first].fill(0.0);
+                r[end..].fill(0.0);
+                let seen = &mut r[first..end];
+                for x in seen.iter_mut() {
                     *x *= shape.scale;
                 }
-            }
-            for (i, r) in scores.chunks_exact_mut(sk).enumerate() {
-                let visible = shape.visible(i);
-                r[..visible.start].fill(f32::NEG_INFINITY);
-                r[visible.end..].fill(f32::NEG_INFINITY);
-                softmax_in_place(r);
+                softmax_in_place(seen);
             }
             unsafe {
                 gemm_into(
-                    sq,
+                    m,
                     d,
-                    sk,
-                    out_ptr.at(h * d),
+                    n,
+                    out_ptr.at(queries.start * row + h * d),
                     row,
                     1,
-                    View { ptr: scores.as_ptr(), row_stride: sk, col_stride: 1 },
-                    View { ptr: v.data.as_ptr().add(g * v.head_stride), row_stride: v.row_stride, col_stride: 1 },
+                    View { ptr: scores.as_ptr(), row_stride: n, col_stride: 1 },
+                    View {
+                        ptr: v.data.as_ptr().add(keys.start * v.row_stride + g * v.head_stride),
+                        row_stride: v.row_stride,
+                        col_stride: 1,
+                    },
                     gemm::Parallelism::None,
                 );
             }
@@ -301,7 +324,14 @@ mod tests {
 
     #[test]
     fn gemm_path_matches_query_by_query() {
-        let (sq, start, nh, nkv, d) = (20, 5, 6, 2, 8);
+        for sq in [20, 150] {
+            gemm_path_matches_query_by_query_for(sq);
+        }
+    }
+
+    /// `sq` queries: 20 are one chunk of the GEMM path, 150 three (the last one short).
+    fn gemm_path_matches_query_by_query_for(sq: usize) {
+        let (start, nh, nkv, d) = (5, 6, 2, 8);
         let sk = start + sq;
         let vals = |n: usize, salt: f32| (0..n).map(|i| ((i as f32 + salt) * 0.37).sin()).collect::<Vec<f32>>();
         let (q, k, v) = (vals(sq * nh * d, 1.0), vals(sk * nkv * d, 2.0), vals(sk * nkv * d, 3.0));
@@ -317,7 +347,7 @@ mod tests {
             scale: 0.3,
             window: 0,
         };
-        for window in [0, 3, 7] {
+        for window in [0, 3, 7, 100] {
             let shape = AttentionShape { window, ..shape };
             let mut by_heads = vec![0.0; q.len()];
             attention(&q, view(&k), view(&v), &shape, &mut by_heads).unwrap();
