@@ -154,6 +154,32 @@ def test_torch_compile_falls_back_to_the_same_numbers():
     assert xg.grad is not None and model[0].weight.grad is not None
 
 
+def test_the_kernels_follow_the_parameters_however_they_change():
+    # the layer keeps NumPy views of its parameters between calls: each change must reach them
+    layer = OpticalLinear(6, 3, bias=True, seed=0).eval()
+    x = torch.rand(2, 6, generator=torch.Generator().manual_seed(1))
+
+    def expected():
+        w = layer.weight.detach().to(torch.float32).numpy()
+        b = layer.bias.detach().to(torch.float32).numpy()
+        p = layer.profile
+        return ellm.ops.optical_linear(x.numpy(), w, b, precision=p.precision, noise_level=p.noise_level,
+                                       temp_drift=p.temp_drift, attenuation=p.attenuation, training=False, seed=0)
+
+    before = layer(x).detach().numpy()
+    np.testing.assert_array_equal(before, expected())
+    with torch.no_grad():
+        layer.weight.mul_(-1.5)  # in place, as an optimizer step: same memory
+    np.testing.assert_array_equal(layer(x).detach().numpy(), expected())
+    layer.weight.data = torch.rand(3, 6)  # new memory
+    np.testing.assert_array_equal(layer(x).detach().numpy(), expected())
+    layer.bias = torch.nn.Parameter(torch.full((3,), 0.25))  # a new parameter
+    np.testing.assert_array_equal(layer(x).detach().numpy(), expected())
+    layer.double()  # float64 parameters: converted on every call
+    np.testing.assert_array_equal(layer(x).detach().numpy(), expected())
+    assert not np.array_equal(layer(x).detach().numpy(), before)
+
+
 def test_dtypes_devices_and_shapes():
     layer = OpticalLinear(4, 2, seed=0)
     x64 = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)

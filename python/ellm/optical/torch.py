@@ -142,9 +142,9 @@ class OpticalLinear(nn.Module):
             raise ValueError(f"OpticalLinear expects input [..., {self.in_features}], got shape {tuple(x.shape)}")
         if not x.is_contiguous():
             x = x.contiguous()
-        weight = _as_float32_cpu(self.weight, "weight")
-        bias = None if self.bias is None else _as_float32_cpu(self.bias, "bias")
-        arrays = (_kernel_array(x), self._view("weight", weight), None if bias is None else self._view("bias", bias))
+        weight, weight_array = self._kernel_parameter("weight")
+        bias, bias_array = self._kernel_parameter("bias")
+        arrays = (x.detach().numpy() if x.requires_grad else x.numpy(), weight_array, bias_array)
         seed = 0
         if self.training:
             noise = self._noise
@@ -153,14 +153,22 @@ class OpticalLinear(nn.Module):
         run = _optical_linear_compiled if torch.compiler.is_compiling() else _optical_linear
         return run(x, weight, bias, arrays, self.profile, self.training, seed)
 
-    def _view(self, name: str, t: torch.Tensor):
-        """The NumPy view of a parameter, kept while the parameter keeps its memory (an optimizer
-        step updates it in place, so the view follows)."""
-        key = (t.data_ptr(), t.shape)
+    def _kernel_parameter(self, name: str):
+        """A parameter as a float32 CPU tensor, and the NumPy view of it the kernels read. A
+        float32 parameter's view is kept while the parameter keeps its memory and shape (an
+        optimizer step updates it in place, so the view follows). Read from `_parameters`:
+        attribute access through nn.Module costs a microsecond a call."""
+        t = self._parameters.get(name)
+        if t is None:
+            return None, None
         cached = self._views.get(name)
-        if cached is None or cached[0] != key:
-            cached = self._views[name] = (key, _kernel_array(t))
-        return cached[1]
+        if cached is not None and cached[0] is t and cached[1] == (t.data_ptr(), t.shape):
+            return t, cached[2]
+        t32 = _as_float32_cpu(t, name)
+        view = _kernel_array(t32)
+        if t32 is t:
+            self._views[name] = (t, (t.data_ptr(), t.shape), view)
+        return t32, view
 
     @property
     def seed(self) -> int:
