@@ -21,7 +21,9 @@ use super::hook_points as P;
 use super::kv_cache::{KvCache, Span};
 use super::weights::{linear_group, Matrix, Weights};
 use crate::error::{EllmError, Result};
-use crate::kernels::{activation, attention, norm, rope};
+use rayon::prelude::*;
+
+use crate::kernels::{activation, attention, norm, pool, rope};
 
 /// Receives intermediate tensors. `layer` is -1 outside the decoder layers.
 pub trait Hooks {
@@ -424,8 +426,9 @@ impl Llama {
                 self.cache.store(l, run.slot, pos, &k[r * kv..(r + 1) * kv], &v[r * kv..(r + 1) * kv]);
             }
         }
-        let mut context = vec![0.0; rows * c.q_dim()];
-        for run in runs {
+        // Each slot's rows attend to that slot's cache; slots run in parallel, so a step of many
+        // sequences is not a parallel region per sequence.
+        let attend = |run: &Run, context: &mut [f32]| {
             let shape = attention::AttentionShape {
                 q_len: run.rows.len(),
                 kv_len: run.start + run.rows.len(),
@@ -439,7 +442,21 @@ impl Llama {
             };
             let (keys, values) = self.cache.views(l, run.slot);
             let span = run.rows.start * c.q_dim()..run.rows.end * c.q_dim();
-            attention::attention(&q[span.clone()], keys, values, &shape, &mut context[span])?;
+            attention::attention(&q[span], keys, values, &shape, context)
+        };
+        let mut context = vec![0.0; rows * c.q_dim()];
+        if let [run] = runs {
+            attend(run, &mut context)?;
+        } else {
+            // runs cover the rows in order, so the context splits into theirs
+            let mut parts = Vec::with_capacity(runs.len());
+            let mut rest = context.as_mut_slice();
+            for run in runs {
+                let (theirs, after) = rest.split_at_mut(run.rows.len() * c.q_dim());
+                parts.push((run, theirs));
+                rest = after;
+            }
+            pool::install(|| parts.into_par_iter().try_for_each(|(run, out)| attend(run, out)))?;
         }
         tap.emit(li, P::ATTENTION_CONTEXT, &context, &[c.q_dim()])?;
         let attn_out = linear(&w.o_proj, &context, rows, &w.o_bias);
