@@ -158,9 +158,9 @@ fn fifth_bit_plane(qh: [[u8; 4]; ROWS], sub: &mut [u8]) {
 fn byte_plane(qs: [&[i8; 32]; ROWS], sub: &mut [u8]) {
     for (r, q) in qs.iter().enumerate() {
         for g in 0..8 {
-            for k in 0..4 {
-                sub[g * VECTOR + 4 * r + k] = (q[4 * g + k] as u8) ^ 0x80;
-            }
+            // four values at once, each + 128 (a whole load's worth of Q8_0 goes through here)
+            let four = u32::from_le_bytes(std::array::from_fn(|k| q[4 * g + k] as u8)) ^ 0x8080_8080;
+            sub[g * VECTOR + 4 * r..g * VECTOR + 4 * r + 4].copy_from_slice(&four.to_le_bytes());
         }
     }
 }
