@@ -68,6 +68,18 @@ fn gemv_rows(x: &[f32], weight: &[f32], out: &mut [f32], k: usize, head: usize, 
 /// AVX-512 (24 accumulators would spill).
 const TILE_WEIGHTS: usize = 2;
 const TILE_INPUTS: usize = 8;
+/// Input rows in the widest tile this CPU's registers hold: AVX-512 has 32 vector registers,
+/// enough for `TILE_WEIGHTS x TILE_INPUTS` accumulators and their operands; AVX2 has 16, which
+/// that many would overflow (each step would then store and reload accumulators). The tile
+/// shape does not change any product's value: each keeps its own accumulator and order.
+fn widest_tile() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if !simd::has_avx512() {
+        return 4;
+    }
+    TILE_INPUTS
+}
+
 /// No software prefetch for tiles: each weight row is read over many multiply-adds, and the
 /// hardware prefetcher keeps up (measured: no gain at 32, 64 or 128 elements ahead).
 const TILE_PREFETCH: isize = 0;
@@ -116,11 +128,12 @@ impl<'a> FewRowProduct<'a> {
         // passes over it; otherwise all of them would be read from further out once per group
         // (784 -> 512, 16 inputs: 10% faster).
         let block = (BLOCK_BYTES / (4 * self.k.max(1))).next_multiple_of(TILE_WEIGHTS).max(TILE_WEIGHTS);
+        let widest = widest_tile();
         for first in cols.clone().step_by(block) {
             let block = first..(first + block).min(cols.end);
             let mut i = 0;
             while i < self.m {
-                let rows = [TILE_INPUTS, 4, 2, 1].into_iter().find(|&r| r <= self.m - i).unwrap_or(1);
+                let rows = [TILE_INPUTS, 4, 2, 1].into_iter().find(|&r| r <= widest && r <= self.m - i).unwrap_or(1);
                 match rows {
                     TILE_INPUTS => self.tiles::<TILE_INPUTS>(i, block.clone()),
                     4 => self.tiles::<4>(i, block.clone()),
@@ -325,6 +338,24 @@ mod tests {
                 for (a, b) in split.iter().zip(naive_linear(&x, w, m, k, n)) {
                     assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rows_product_does_not_depend_on_the_rows_beside_it() {
+        // Tiles of 8, 4, 2 and 1 input rows, and the single-row GEMV: an f32 model's step must
+        // give a sequence the same numbers whatever else shares the step.
+        let (k, n) = (200, 37);
+        let w = values(n * k, 5.0);
+        for m in [3, 7, 13, 64] {
+            let x = values(m * k, 4.0);
+            let mut all = vec![0.0; m * n];
+            linear(&x, &w, None, &mut all, m, k, n);
+            for i in 0..m {
+                let mut alone = vec![0.0; n];
+                linear(&x[i * k..(i + 1) * k], &w, None, &mut alone, 1, k, n);
+                assert_eq!(&all[i * n..(i + 1) * n], &alone[..], "row {i} of {m}");
             }
         }
     }
