@@ -16,13 +16,13 @@
 //! also the embedding, the last also the final norm and the head. A stage after the first takes
 //! the hidden states its predecessor returned instead of token ids.
 
+use rayon::prelude::*;
+
 use super::config::LlamaConfig;
 use super::hook_points as P;
 use super::kv_cache::{KvCache, Span};
 use super::weights::{linear_group, Matrix, Weights};
 use crate::error::{EllmError, Result};
-use rayon::prelude::*;
-
 use crate::kernels::{activation, attention, norm, pool, rope};
 
 /// Receives intermediate tensors. `layer` is -1 outside the decoder layers.

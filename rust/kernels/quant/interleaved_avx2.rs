@@ -124,6 +124,15 @@ unsafe fn shift(v: __m256i, from: i32, to: i32) -> __m256i {
     }
 }
 
+/// Decode (one input row, one core per part of the matrix) streams weights from RAM faster with
+/// requests ahead of its loads: the sub-block `PREFETCH` bytes on from `sub`.
+#[inline(always)]
+unsafe fn prefetch_ahead<F: Interleave>(sub: *const u8) {
+    for line in 0..sub_bytes::<F>().div_ceil(64) {
+        _mm_prefetch::<_MM_HINT_T0>(sub.add(PREFETCH + 64 * line).cast());
+    }
+}
+
 #[inline(always)]
 unsafe fn broadcast4(p: *const i8) -> __m256i {
     _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
@@ -131,7 +140,8 @@ unsafe fn broadcast4(p: *const i8) -> __m256i {
 
 /// The g-steps (4 per sub-block) whose 16-bit sums cannot saturate: a pair of products is at
 /// most `max_u * 127 * 2`, and each step adds two pairs to an accumulator (one where the two
-/// halves of a sub-block have scales of their own). (8-bit values never sum in 16 bits.)
+/// halves of a sub-block have scales of their own). 8-bit values go to `eight_bit_dot` and never
+/// sum in 16 bits; the floor of 1 only keeps `% steps` defined in their unused instantiation.
 const fn steps<F: Interleave>() -> usize {
     let max_u = (1 << F::BITS) - 1;
     let per_accumulator = 32767 / (max_u * 127 * 2);
@@ -173,10 +183,7 @@ pub unsafe fn half_group_dot<F: Scales8, const RX: usize, const H: usize>(
         for j in 0..subs {
             let sub = block.add(F::HEAD + j * sub_bytes::<F>());
             if RX == 1 && r0 == 0 {
-                // a single core streams weights from RAM faster with requests ahead of its loads
-                for line in 0..sub_bytes::<F>().div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(sub.add(PREFETCH + 64 * line).cast());
-                }
+                prefetch_ahead::<F>(sub);
             }
             let ab = b * subs + j; // the activation block
                                    // [c][h][half]: i32 sums of both digits; [c][h][half][digit]: i16 sums not yet widened
@@ -266,9 +273,7 @@ unsafe fn eight_bit_dot<const RX: usize, const H: usize>(
         let block = group.as_ptr().add(b * block_bytes::<F>());
         let sub = block.add(F::HEAD); // a block is one sub-block, with no scales of its own
         if RX == 1 && r0 == 0 {
-            for line in 0..sub_bytes::<F>() / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(sub.add(PREFETCH + 64 * line).cast());
-            }
+            prefetch_ahead::<F>(sub);
         }
         // [c][h][rows 0-3 or 4-7 of the half]: per row two lanes of `sum (q + 128) * a`
         let mut ints = [[[zero; 2]; H]; RX];
