@@ -43,6 +43,10 @@ pub struct QuantizedRows {
 impl QuantizedRows {
     /// `x` is `[rows, k]` with k a multiple of 32.
     pub fn new(x: &[f32], k: usize) -> Self {
+        Self::new_with(x, k, quantize_row)
+    }
+
+    fn new_with(x: &[f32], k: usize, quantize_row: fn(&[f32], RowParts<'_>)) -> Self {
         assert!(k.is_multiple_of(ACT_BLOCK), "activation rows must be whole blocks of {ACT_BLOCK}");
         let rows = x.len() / k.max(1);
         let stride = k.next_multiple_of(PAD);
@@ -59,7 +63,7 @@ impl QuantizedRows {
             wide: vec![0; rows * stride],
             wide_sums: vec![0; rows * stride / ACT_BLOCK],
         };
-        fill(&mut out, x);
+        fill(&mut out, x, quantize_row);
         out
     }
 
@@ -110,7 +114,7 @@ const ROWS_PER_TASK: usize = 16;
 
 /// Every block of every row of `x` into `out` (allocated by `new`), rows in parallel for a
 /// prefill.
-fn fill(out: &mut QuantizedRows, x: &[f32]) {
+fn fill(out: &mut QuantizedRows, x: &[f32], quantize_row: fn(&[f32], RowParts<'_>)) {
     let (k, stride) = (out.k.max(1), out.stride);
     let (lanes, blocks, groups) = (stride / LANE, stride / ACT_BLOCK, stride / GROUP);
     let parts: Vec<RowParts<'_>> = out
@@ -155,9 +159,19 @@ struct RowParts<'a> {
     wide_sums: &'a mut [i32],
 }
 
+/// One row's blocks in two digits, with their scales and sums.
+fn quantize_row(x: &[f32], out: RowParts<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::has_avx512() {
+        // SAFETY: the CPU has AVX-512F/VL.
+        return unsafe { x86::quantize_row(x, out) };
+    }
+    quantize_row_any(x, out)
+}
+
 crate::kernels::math::dispatch! {
-    /// One row's blocks in two digits, with their scales and sums.
-    fn quantize_row(x: &[f32], out: RowParts<'_>) {
+    /// `quantize_row` for any CPU: the definition the AVX-512 form is held to.
+    fn quantize_row_any(x: &[f32], out: RowParts<'_>) {
         for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
             let at = b * ACT_BLOCK;
             let (hi, lo) = (&mut out.hi[at..at + ACT_BLOCK], &mut out.lo[at..at + ACT_BLOCK]);
@@ -207,4 +221,95 @@ pub fn quantize_two_digits(x: &[f32], hi: &mut [i8], lo: &mut [i8]) -> f32 {
         }
     }
     d
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! `quantize_row` 16 values to a vector: the same steps in the same order as
+    //! `quantize_two_digits`, so the same digits, scales and sums.
+
+    use std::arch::x86_64::*;
+
+    use super::{RowParts, ACT_BLOCK, LO_SCALE, LO_SHIFT};
+    use crate::kernels::quant::blocks::{GROUP, LANE};
+
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+    /// # Safety
+    /// The CPU has AVX-512F/VL; `out` is one row's share of `QuantizedRows` for `x`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub unsafe fn quantize_row(x: &[f32], out: RowParts<'_>) {
+        let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+        let (hi_max, lo_max) = (_mm512_set1_ps(127.0), _mm512_set1_ps(64.0));
+        for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
+            let at = b * ACT_BLOCK;
+            let v = [_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(GROUP))];
+            // max |x| as the largest bit pattern with the sign cleared, as in quantize_two_digits
+            let bits = v.map(|v| _mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+            let amax = f32::from_bits(_mm512_reduce_max_epu32(_mm512_max_epu32(bits[0], bits[1])));
+            let d = amax / 127.0;
+            let scale = d / LO_SCALE;
+            let mut sums = [0i32; ACT_BLOCK / GROUP];
+            if d == 0.0 || !d.is_finite() {
+                out.hi[at..at + ACT_BLOCK].fill(0);
+                out.lo[at..at + ACT_BLOCK].fill(0);
+                out.wide[at..at + ACT_BLOCK].fill(0);
+            } else {
+                let (id, id_lo, dv) = (_mm512_set1_ps(1.0 / d), _mm512_set1_ps(LO_SCALE / d), _mm512_set1_ps(d));
+                for (g, v) in v.into_iter().enumerate() {
+                    let q = _mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(v, id));
+                    let q = _mm512_max_ps(_mm512_min_ps(q, hi_max), _mm512_sub_ps(_mm512_setzero_ps(), hi_max));
+                    let rest = _mm512_sub_ps(v, _mm512_mul_ps(dv, q));
+                    let r = _mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(rest, id_lo));
+                    let r = _mm512_max_ps(_mm512_min_ps(r, lo_max), _mm512_sub_ps(_mm512_setzero_ps(), lo_max));
+                    let (qi, ri) = (_mm512_cvtps_epi32(q), _mm512_cvtps_epi32(r));
+                    let wide = _mm512_add_epi32(_mm512_slli_epi32::<LO_SHIFT>(qi), ri);
+                    let to = at + g * GROUP;
+                    _mm_storeu_si128(out.hi.as_mut_ptr().add(to).cast(), _mm512_cvtepi32_epi8(qi));
+                    _mm_storeu_si128(out.lo.as_mut_ptr().add(to).cast(), _mm512_cvtepi32_epi8(ri));
+                    _mm256_storeu_si256(out.wide.as_mut_ptr().add(to).cast(), _mm512_cvtepi32_epi16(wide));
+                    sums[g] = _mm512_reduce_add_epi32(wide);
+                }
+            }
+            out.scale_lanes[at / LANE..(at + ACT_BLOCK) / LANE].fill(scale);
+            out.block_scale[b] = scale;
+            for (g, &sum) in sums.iter().enumerate() {
+                out.group_sums[at / GROUP + g] = scale * sum as f32;
+            }
+            out.wide_sums[b] = sums.iter().sum();
+            out.block_sums[b] = scale * out.wide_sums[b] as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cpu_path_quantizes_to_the_same_digits_scales_and_sums() {
+        let mut x: Vec<f32> =
+            (0..40 * 96u32).map(|i| ((i.wrapping_mul(2654435761) >> 8) as f32 / 16777216.0 - 0.5) * 7.0).collect();
+        // a block of zeros, one with a NaN, one with an infinity, one with huge and tiny values,
+        // and values exactly halfway between steps
+        x[96..128].fill(0.0);
+        x[200] = f32::NAN;
+        x[300] = f32::INFINITY;
+        x[320..352].iter_mut().enumerate().for_each(|(i, v)| *v = if i % 2 == 0 { 3e38 } else { 1e-30 });
+        x[352..384].iter_mut().enumerate().for_each(|(i, v)| *v = (i as f32 - 16.0) + 0.5);
+        let (a, b) = (QuantizedRows::new(&x, 96), QuantizedRows::new_with(&x, 96, quantize_row_any));
+        assert_eq!((&a.hi, &a.lo, &a.wide, &a.wide_sums), (&b.hi, &b.lo, &b.wide, &b.wide_sums));
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (p, q) in [
+            (&a.scale_lanes, &b.scale_lanes),
+            (&a.block_scale, &b.block_scale),
+            (&a.block_sums, &b.block_sums),
+            (&a.group_sums, &b.group_sums),
+        ] {
+            assert_eq!(bits(p), bits(q));
+        }
+        let block_of = |i: usize| (i / 96) * a.stride / ACT_BLOCK + (i % 96) / ACT_BLOCK;
+        assert!(a.block_scale[block_of(200)].is_nan() && a.block_scale[block_of(300)].is_infinite());
+        assert!(a.hi.iter().any(|&h| h == 127) && a.lo.iter().any(|&l| l != 0));
+    }
 }
