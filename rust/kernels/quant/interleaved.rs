@@ -465,9 +465,9 @@ pub mod x86 {
             let block: [*const u8; G] = std::array::from_fn(|k| groups[k].as_ptr().add(b * block_bytes::<F>()));
             for j in 0..subs {
                 let sub: [*const u8; G] = std::array::from_fn(|k| block[k].add(F::HEAD + j * sub_bytes::<F>()));
-                // a single core streams weights from RAM faster with requests ahead of its loads
-                // (decode); several inputs reuse a group from the cache, where it only costs
-                for k in 0..if RX == 1 { G } else { 0 } {
+                // a single core streams weights from RAM faster with requests ahead of its loads;
+                // the first tile of inputs brings a group in, the later tiles find it in the cache
+                for k in 0..if first == 0 { G } else { 0 } {
                     for line in 0..sub_bytes::<F>().div_ceil(64) {
                         _mm_prefetch::<_MM_HINT_T0>(sub[k].add(PREFETCH + 64 * line).cast());
                     }
