@@ -124,8 +124,9 @@ unsafe fn shift(v: __m256i, from: i32, to: i32) -> __m256i {
     }
 }
 
-/// Decode (one input row, one core per part of the matrix) streams weights from RAM faster with
-/// requests ahead of its loads: the sub-block `PREFETCH` bytes on from `sub`.
+/// A core streams weights from RAM faster with requests ahead of its loads: the sub-block
+/// `PREFETCH` bytes on from `sub`. Only the first pass over a group asks (its first tile of
+/// inputs, first half); later passes find the group in the cache.
 #[inline(always)]
 unsafe fn prefetch_ahead<F: Interleave>(sub: *const u8) {
     for line in 0..sub_bytes::<F>().div_ceil(64) {
@@ -182,7 +183,7 @@ pub unsafe fn half_group_dot<F: Scales8, const RX: usize, const H: usize>(
         let block = group.as_ptr().add(b * block_bytes::<F>());
         for j in 0..subs {
             let sub = block.add(F::HEAD + j * sub_bytes::<F>());
-            if RX == 1 && r0 == 0 {
+            if first == 0 && r0 == 0 {
                 prefetch_ahead::<F>(sub);
             }
             let ab = b * subs + j; // the activation block
@@ -272,7 +273,7 @@ unsafe fn eight_bit_dot<const RX: usize, const H: usize>(
     for b in 0..blocks {
         let block = group.as_ptr().add(b * block_bytes::<F>());
         let sub = block.add(F::HEAD); // a block is one sub-block, with no scales of its own
-        if RX == 1 && r0 == 0 {
+        if first == 0 && r0 == 0 {
             prefetch_ahead::<F>(sub);
         }
         // [c][h][rows 0-3 or 4-7 of the half]: per row two lanes of `sum (q + 128) * a`
