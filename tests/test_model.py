@@ -106,6 +106,23 @@ def tiny_state(args, seed=0):
     return {n: (rng.standard_normal(s) * 0.3).astype(np.float32) for n, s in args.expected_shapes().items()}
 
 
+def test_an_f16_kv_cache_rounds_alike_on_both_backends_and_stays_near_f32():
+    args, sd = tiny_args(), tiny_state(tiny_args())
+    tokens = np.random.default_rng(2).integers(0, 97, size=(2, 24))  # 24 rows: both attention paths
+    f32 = build("numpy", args, sd).forward(tokens)
+    args.kv_cache_dtype = "f16"
+    models = [build(name, args, sd) for name in ("rust", "numpy")]
+    rust, ref = (m.forward(tokens[:, :20]) for m in models)
+    np.testing.assert_allclose(rust, ref, atol=1e-4)
+    # decode steps read the cache the first 20 positions left
+    np.testing.assert_allclose(models[0].forward(tokens[:, 20:], 20), models[1].forward(tokens[:, 20:], 20), atol=1e-4)
+    difference = np.abs(rust - f32[:, :20]).max()
+    assert 0 < difference < 5e-3, difference  # the halves round, a little
+    args.kv_cache_dtype = "bf16"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'f32', 'f16', got 'bf16'"):
+        ellm.Transformer(args)
+
+
 def test_tiny_random_model_rust_against_numpy():
     args = tiny_args()
     sd = tiny_state(args)
@@ -220,7 +237,11 @@ def test_half_precision_folders(tmp_path, dtype):
     torch_dtype = {"F16": "float16", "BF16": "bfloat16"}[dtype]
     config = {k: v for k, v in args.to_dict().items() if k != "dtype"}
     (tmp_path / "config.json").write_text(json.dumps({**config, "torch_dtype": torch_dtype}))
-    model = Transformer.from_pretrained(tmp_path)
+    # an f32 cache, so only the weights' precision differs from the f32 model below
+    model = Transformer.from_pretrained(tmp_path, kv_cache_dtype="f32")
+    # what "auto" picks: f16 where the Rust engine keeps the weights in halves; the NumPy backend computes in f32
+    auto = Transformer.from_pretrained(tmp_path).model_args.kv_cache_dtype
+    assert auto == ("f16" if ellm.get_backend() == "rust" else "f32")
     # the same weights rounded to the stored precision, loaded as f32 arrays
     if dtype == "BF16":
         rounded = {k: ((v.view(np.uint32) >> 16) << 16).view(np.float32) for k, v in sd.items()}

@@ -69,6 +69,9 @@ def config_rules() -> dict:
         return json.load(fh)
 
 
+# what a KV cache can hold
+KV_CACHE_DTYPES = ("f32", "f16")
+
 @dataclass
 class ModelArgs:
     vocab_size: int = 32000
@@ -92,6 +95,8 @@ class ModelArgs:
     pad_token_id: int | None = None
     max_seq_len: int | None = None
     max_batch_size: int = 4
+    # what the KV cache holds: "f32", or "f16" (half the bytes attention reads each step)
+    kv_cache_dtype: str = "f32"
     dtype: str = "float32"
     model_type: str = "llama"
     sliding_window: int | None = None
@@ -153,6 +158,9 @@ class ModelArgs:
 
     def validate(self) -> bool:
         """True, or ValueError naming the broken constraint."""
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {self.kv_cache_dtype!r}")
         rules = config_rules()
         for name in ("max_position_embeddings", *rules["positive"]):
             value = getattr(self, name)
@@ -274,7 +282,7 @@ class ModelArgs:
             "qkv_bias": self.qkv_bias, "o_bias": self.o_proj_bias, "mlp_bias": self.mlp_proj_bias,
             "qk_norm": self.qk_norm, "layer_windows": self.layer_windows(),
             "tie_word_embeddings": bool(self.tie_word_embeddings), "max_seq_len": self.max_seq_len,
-            "max_batch_size": self.max_batch_size,
+            "max_batch_size": self.max_batch_size, "kv_cache_dtype": self.kv_cache_dtype,
             "tensors": [(name, list(shape)) for name, shape in self.expected_shapes().items()],
         }
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._backend import get_backend
 from .batch_rules import check_token_ids
-from .config import ModelArgs
+from .config import KV_CACHE_DTYPES, ModelArgs
 from .errors import ModelBusyError, ModelFormatError
 from . import hooks as H
 from .hooks import HookRegistry, hook_point_names
@@ -249,13 +249,18 @@ class Transformer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "auto", max_seq_len: int | None = None,
                         max_batch_size: int | None = None, progress: Callable | None = None,
-                        allow_non_finite: bool = False, stage: Stage | None = None) -> Transformer:
+                        allow_non_finite: bool = False, stage: Stage | None = None,
+                        kv_cache_dtype: str = "auto") -> Transformer:
         """Load a Hugging Face folder (config.json + safetensors) or a .gguf file.
 
         `dtype` says how the Rust engine keeps the weight matrices: "auto" as stored (a GGUF's
         quantized blocks, multiplied as they are; a folder's f32, f16 or bf16), "f32" expanded,
         "q8_0" or "q4_0" with f32/f16/bf16 matrices quantized on load (already quantized ones
         stay as stored). Norm vectors are always f32. The NumPy backend always computes in f32.
+
+        `kv_cache_dtype` is what the KV cache holds: "f32", "f16" (half the bytes each step's
+        attention reads; llama.cpp's default), or "auto": f16 where the Rust engine keeps the
+        weight matrices in fewer bits than f32 (quantized blocks, f16, bf16), else f32.
 
         `progress`, if given, wraps the iterable of tensor names (e.g. `tqdm`). A tensor holding
         NaN or infinite values is refused, naming it, unless allow_non_finite. (Other flipped
@@ -268,6 +273,10 @@ class Transformer:
         if not isinstance(dtype, str) or dtype.lower() not in WEIGHT_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(repr, WEIGHT_DTYPES))}, got {dtype!r}")
         dtype = dtype.lower()
+        if not isinstance(kv_cache_dtype, str) or kv_cache_dtype.lower() not in ("auto", *KV_CACHE_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be one of 'auto', {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {kv_cache_dtype!r}")
+        kv_cache_dtype = kv_cache_dtype.lower()
         ckpt = open_checkpoint(path)
         if ckpt.args is None:
             raise ModelFormatError(f"{path}: no config.json beside the weights, so the model's shape is unknown")
@@ -275,6 +284,11 @@ class Transformer:
         if max_batch_size is not None:
             args.max_batch_size = max_batch_size
         args.max_seq_len = min(max_seq_len, args.max_position_embeddings) if max_seq_len else args.max_seq_len
+        if kv_cache_dtype == "auto":
+            narrow = dtype in ("q8_0", "q4_0") or (dtype == "auto" and any(
+                len(t.shape) == 2 and t.dtype != "F32" for t in ckpt.tensors.values()))
+            kv_cache_dtype = "f16" if narrow and get_backend() == "rust" else "f32"
+        args.kv_cache_dtype = kv_cache_dtype
         check_layer_count(args, ckpt.tensors, path)
         try:
             args.validate()

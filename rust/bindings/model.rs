@@ -68,6 +68,13 @@ fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
         tie_word_embeddings: get(d, "tie_word_embeddings")?,
         max_seq_len: get(d, "max_seq_len")?,
         max_batch_size: get(d, "max_batch_size")?,
+        kv_f16: match get_or(d, "kv_cache_dtype", "f32".to_string())?.as_str() {
+            "f32" => false,
+            "f16" => true,
+            other => {
+                return Err(PyValueError::new_err(format!("kv_cache_dtype must be \"f32\" or \"f16\", got {other:?}")))
+            }
+        },
         tensors: get(d, "tensors")?,
         layer_offset: get_or(d, "layer_offset", 0)?,
         embeds_tokens: get_or(d, "embeds_tokens", true)?,

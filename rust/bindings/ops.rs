@@ -195,7 +195,7 @@ fn attention_py<'py>(
         window,
     };
     let (qs, ks, vs) = (slice(&q, "q")?, slice(&k, "k")?, slice(&v, "v")?);
-    let view = |data| attention::KvView { data, row_stride: sk[1] * sk[2], head_stride: sk[2] };
+    let view = |data| attention::KvView::f32(data, sk[1] * sk[2], sk[2]);
     let out = compute(py, || {
         let mut out = vec![0.0; qs.len()];
         attention::attention(qs, view(ks), view(vs), &shape, &mut out)?;

@@ -12,27 +12,103 @@ use super::simd::dot_portable;
 use super::softmax::softmax_in_place;
 use crate::error::{EllmError, Result};
 
+/// Key or value vectors as a cache holds them: f32, or f16 (half the bytes to read; attention
+/// widens a head's vectors to f32 as it reads them).
+#[derive(Clone, Copy)]
+pub enum KvData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
 /// Where key/value vector (position t, kv head g) starts: `t * row_stride + g * head_stride`.
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
-    pub data: &'a [f32],
+    pub data: KvData<'a>,
     pub row_stride: usize,
     pub head_stride: usize,
 }
 
 impl<'a> KvView<'a> {
-    /// Head g's vectors from position `first` on.
-    #[inline]
-    fn head(&self, g: usize, first: usize) -> HeadView<'a> {
-        HeadView { data: &self.data[first * self.row_stride + g * self.head_stride..], stride: self.row_stride }
+    pub fn f32(data: &'a [f32], row_stride: usize, head_stride: usize) -> Self {
+        KvView { data: KvData::F32(data), row_stride, head_stride }
+    }
+
+    /// Head g's vectors from position `first` on, as stored.
+    fn head_as<T: Element>(data: &'a [T], row_stride: usize, head_stride: usize, g: usize, first: usize) -> HeadView<'a, T> {
+        HeadView { data: &data[first * row_stride + g * head_stride..], stride: row_stride }
+    }
+
+    /// Head g's `d`-value vectors at `positions` as f32: read in place from an f32 cache, or
+    /// widened into `scratch` (then `d` apart) from an f16 one.
+    fn head<'s>(
+        &'s self,
+        g: usize,
+        positions: std::ops::Range<usize>,
+        d: usize,
+        scratch: &'s mut Vec<f32>,
+    ) -> HeadView<'s> {
+        let at = |t: usize| t * self.row_stride + g * self.head_stride;
+        match self.data {
+            KvData::F32(data) => HeadView { data: &data[at(positions.start)..], stride: self.row_stride },
+            KvData::F16(data) => {
+                scratch.clear();
+                scratch.resize(positions.len() * d, 0.0);
+                for (t, out) in positions.zip(scratch.chunks_exact_mut(d)) {
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&data[at(t)..at(t) + d], out);
+                }
+                HeadView { data: scratch, stride: d }
+            }
+        }
     }
 }
 
 /// One head's key or value vectors: vector t starts at `t * stride`.
-#[derive(Clone, Copy)]
-pub struct HeadView<'a> {
-    data: &'a [f32],
+pub struct HeadView<'a, T = f32> {
+    data: &'a [T],
     stride: usize,
+}
+
+impl<T> Clone for HeadView<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for HeadView<'_, T> {}
+
+/// A cache element attention reads: f32, or f16 widened as it is loaded.
+pub trait Element: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    /// Eight elements from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p..p + 8` is readable and the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Element for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
 }
 
 pub struct AttentionShape {
@@ -109,34 +185,72 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
             let keys = shape.visible(i);
             scores.clear();
             scores.resize(keys.len(), 0.0);
-            let (kg, vg) = (k.head(h / group, keys.start), v.head(h / group, keys.start));
-            attend_one(&q[idx * d..(idx + 1) * d], kg, vg, shape.scale, scores, o);
+            let (g, first, qv) = (h / group, keys.start, &q[idx * d..(idx + 1) * d]);
+            let (rk, hk, rv, hv) = (k.row_stride, k.head_stride, v.row_stride, v.head_stride);
+            match (k.data, v.data) {
+                (KvData::F32(kd), KvData::F32(vd)) => {
+                    let (kg, vg) = (KvView::head_as(kd, rk, hk, g, first), KvView::head_as(vd, rv, hv, g, first));
+                    attend_one(qv, kg, vg, shape.scale, scores, o)
+                }
+                (KvData::F16(kd), KvData::F16(vd)) => {
+                    let (kg, vg) = (KvView::head_as(kd, rk, hk, g, first), KvView::head_as(vd, rv, hv, g, first));
+                    attend_one(qv, kg, vg, shape.scale, scores, o)
+                }
+                _ => unreachable!("keys and values of one cache share an element type"),
+            }
         })
     });
     Ok(())
 }
 
+/// A task's buffers (`attention_by_heads`): scores, and the keys and values it widened from an
+/// f16 cache.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
 /// One query against one head's keys and values (`scores.len()` of them, from the views' first
 /// position): the scores, their softmax, and the weighted sum of the values into `o`.
-fn attend_one(qv: &[f32], k: HeadView<'_>, v: HeadView<'_>, scale: f32, scores: &mut [f32], o: &mut [f32]) {
+fn attend_one<T: Element>(
+    qv: &[f32],
+    k: HeadView<'_, T>,
+    v: HeadView<'_, T>,
+    scale: f32,
+    scores: &mut [f32],
+    o: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if qv.len().is_multiple_of(8) && crate::kernels::simd::has_avx2_fma() {
+    if qv.len().is_multiple_of(8) && crate::kernels::simd::has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { avx2::attend_one(qv, k, v, scale, scores, o) };
     }
     attend_one_portable(qv, k, v, scale, scores, o)
 }
 
-fn attend_one_portable(qv: &[f32], k: HeadView<'_>, v: HeadView<'_>, scale: f32, scores: &mut [f32], o: &mut [f32]) {
+fn attend_one_portable<T: Element>(
+    qv: &[f32],
+    k: HeadView<'_, T>,
+    v: HeadView<'_, T>,
+    scale: f32,
+    scores: &mut [f32],
+    o: &mut [f32],
+) {
     let d = qv.len();
+    let mut key = vec![0.0f32; d];
     for (t, s) in scores.iter_mut().enumerate() {
-        *s = dot_portable(qv, &k.data[t * k.stride..t * k.stride + d]) * scale;
+        for (x, &e) in key.iter_mut().zip(&k.data[t * k.stride..t * k.stride + d]) {
+            *x = e.to_f32();
+        }
+        *s = dot_portable(qv, &key) * scale;
     }
     softmax_in_place(scores);
     o.fill(0.0);
     for (t, &p) in scores.iter().enumerate() {
         for (oj, &vj) in o.iter_mut().zip(&v.data[t * v.stride..t * v.stride + d]) {
-            *oj += p * vj;
+            *oj += p * vj.to_f32();
         }
     }
 }
@@ -145,17 +259,17 @@ fn attend_one_portable(qv: &[f32], k: HeadView<'_>, v: HeadView<'_>, scale: f32,
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::HeadView;
+    use super::{Element, HeadView};
     use crate::kernels::softmax::softmax_in_place;
 
     /// `attend_one` for heads of a multiple of 8 values. A key's score is a chain of dependent
     /// multiply-adds, so keys go four at a time, each in its own accumulator; the weighted sum
     /// keeps 64 columns of the output in registers while it walks the values.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend_one(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_one<T: Element>(
         qv: &[f32],
-        k: HeadView<'_>,
-        v: HeadView<'_>,
+        k: HeadView<'_, T>,
+        v: HeadView<'_, T>,
         scale: f32,
         scores: &mut [f32],
         o: &mut [f32],
@@ -174,7 +288,7 @@ mod avx2 {
             for c in (0..d).step_by(8) {
                 let qc = _mm256_loadu_ps(q.add(c));
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(qc, _mm256_loadu_ps(keys.add((t + j) * k.stride + c)), *a);
+                    *a = _mm256_fmadd_ps(qc, T::load8(keys.add((t + j) * k.stride + c)), *a);
                 }
             }
             // lanes [key 0, 1, 2, 3] of each 128-bit half, then the halves added
@@ -186,7 +300,7 @@ mod avx2 {
         for (t, s) in scores.iter_mut().enumerate().skip(t) {
             let mut acc = _mm256_setzero_ps();
             for c in (0..d).step_by(8) {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(keys.add(t * k.stride + c)), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), T::load8(keys.add(t * k.stride + c)), acc);
             }
             let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -195,24 +309,24 @@ mod avx2 {
         softmax_in_place(scores);
         let mut c = 0;
         while c + 64 <= d {
-            weighted_sum::<8>(scores, v, c, o);
+            weighted_sum::<T, 8>(scores, v, c, o);
             c += 64;
         }
         while c < d {
-            weighted_sum::<1>(scores, v, c, o);
+            weighted_sum::<T, 1>(scores, v, c, o);
             c += 8;
         }
     }
 
     /// `o[c..c + 8W] = sum over t of p[t] * v[t][c..c + 8W]`, the sums held in W registers.
     #[inline(always)]
-    unsafe fn weighted_sum<const W: usize>(p: &[f32], v: HeadView<'_>, c: usize, o: &mut [f32]) {
+    unsafe fn weighted_sum<T: Element, const W: usize>(p: &[f32], v: HeadView<'_, T>, c: usize, o: &mut [f32]) {
         let mut acc = [_mm256_setzero_ps(); W];
         let values = v.data.as_ptr().add(c);
         for (t, &pt) in p.iter().enumerate() {
             let (pt, row) = (_mm256_set1_ps(pt), values.add(t * v.stride));
             for (w, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row.add(8 * w)), *a);
+                *a = _mm256_fmadd_ps(pt, T::load8(row.add(8 * w)), *a);
             }
         }
         for (w, a) in acc.iter().enumerate() {
@@ -235,15 +349,17 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
     let chunks = sq.div_ceil(QUERY_CHUNK);
     let out_ptr = DisjointWrites(out.as_mut_ptr());
     pool::install(|| {
-        (0..nh * chunks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+        (0..nh * chunks).into_par_iter().for_each_init(Scratch::default, |s, task| {
             let (h, c) = (task / chunks, task % chunks);
             let g = h / group;
             let queries = c * QUERY_CHUNK..((c + 1) * QUERY_CHUNK).min(sq);
             // the keys some query of the chunk sees: visible ranges only move forward
             let keys = shape.visible(queries.start).start..shape.visible(queries.end - 1).end;
             let (m, n) = (queries.len(), keys.len());
+            let Scratch { scores, keys: key_buf, values: value_buf } = s;
             scores.clear();
             scores.resize(m * n, 0.0);
+            let (kh, vh) = (k.head(g, keys.clone(), d, key_buf), v.head(g, keys.clone(), d, value_buf));
             // SAFETY: every view below stays inside its buffer (q: [sq, nh, d]; k, v: kv_len rows
             // of the view, of which `keys`; scores: [m, n]), and the task writes only rows
             // `queries` of head h's d columns of `out`.
@@ -256,11 +372,7 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
                     n,
                     1,
                     View { ptr: q.as_ptr().add(queries.start * row + h * d), row_stride: row, col_stride: 1 },
-                    View {
-                        ptr: k.data.as_ptr().add(keys.start * k.row_stride + g * k.head_stride),
-                        row_stride: 1,
-                        col_stride: k.row_stride,
-                    },
+                    View { ptr: kh.data.as_ptr(), row_stride: 1, col_stride: kh.stride },
                     gemm::Parallelism::None,
                 );
             }
@@ -284,11 +396,7 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
                     row,
                     1,
                     View { ptr: scores.as_ptr(), row_stride: n, col_stride: 1 },
-                    View {
-                        ptr: v.data.as_ptr().add(keys.start * v.row_stride + g * v.head_stride),
-                        row_stride: v.row_stride,
-                        col_stride: 1,
-                    },
+                    View { ptr: vh.data.as_ptr(), row_stride: vh.stride, col_stride: 1 },
                     gemm::Parallelism::None,
                 );
             }
@@ -305,7 +413,7 @@ mod tests {
         let q = vec![1.0f32, 0.0, 0.0, 1.0]; // 1 query, 2 heads, d = 2
         let k = vec![0.3f32, 0.4];
         let v = vec![5.0f32, -6.0];
-        let kv = |data| KvView { data, row_stride: 2, head_stride: 2 };
+        let kv = |data| KvView::f32(data, 2, 2);
         let shape = AttentionShape {
             q_len: 1,
             kv_len: 1,
@@ -335,7 +443,7 @@ mod tests {
         let sk = start + sq;
         let vals = |n: usize, salt: f32| (0..n).map(|i| ((i as f32 + salt) * 0.37).sin()).collect::<Vec<f32>>();
         let (q, k, v) = (vals(sq * nh * d, 1.0), vals(sk * nkv * d, 2.0), vals(sk * nkv * d, 3.0));
-        let view = |data| KvView { data, row_stride: nkv * d, head_stride: d };
+        let view = |data| KvView::f32(data, nkv * d, d);
         let shape = AttentionShape {
             q_len: sq,
             kv_len: sk,
@@ -365,12 +473,50 @@ mod tests {
     }
 
     #[test]
+    fn an_f16_cache_gives_what_its_values_widened_to_f32_give() {
+        // both paths: 1 query (query by query) and 40 (GEMM, by heads); keys at a stride, as the
+        // cache lays them out
+        let (nh, nkv, d, sk) = (6, 2, 64, 90);
+        let vals = |n: usize, salt: f32| (0..n).map(|i| ((i as f32 + salt) * 0.37).sin() * 3.0).collect::<Vec<f32>>();
+        let halves = |x: &[f32]| x.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>();
+        let (k32, v32) = (vals(sk * nkv * d, 2.0), vals(sk * nkv * d, 3.0));
+        let (k16, v16) = (halves(&k32), halves(&v32));
+        let widened = |x: &[half::f16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+        let (kw, vw) = (widened(&k16), widened(&v16));
+        for sq in [1, 40] {
+            let q = vals(sq * nh * d, 1.0);
+            let shape = AttentionShape {
+                q_len: sq,
+                kv_len: sk,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: d,
+                causal: true,
+                start_pos: sk - sq,
+                scale: 0.125,
+                window: 0,
+            };
+            let half_view = |data| KvView { data: KvData::F16(data), row_stride: nkv * d, head_stride: d };
+            let (mut from_halves, mut from_floats) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            attention(&q, half_view(&k16), half_view(&v16), &shape, &mut from_halves).unwrap();
+            let view = |data| KvView::f32(data, nkv * d, d);
+            attention(&q, view(&kw), view(&vw), &shape, &mut from_floats).unwrap();
+            assert_eq!(from_halves, from_floats, "{sq} queries");
+            // and the rounding is small next to the f32 values' own result
+            let mut exact = vec![0.0; q.len()];
+            attention(&q, view(&k32), view(&v32), &shape, &mut exact).unwrap();
+            let worst = exact.iter().zip(&from_halves).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(worst < 5e-3, "{sq} queries: {worst}");
+        }
+    }
+
+    #[test]
     fn window_of_one_sees_only_its_own_position() {
         let (sq, nh, d) = (20, 2, 4); // 20 queries take the GEMM path, 1 the query-by-query one
         let q: Vec<f32> = (0..sq * nh * d).map(|i| (i as f32 * 0.1).cos()).collect();
         let k: Vec<f32> = (0..sq * d).map(|i| (i as f32 * 0.3).sin()).collect();
         let v: Vec<f32> = (0..sq * d).map(|i| i as f32).collect();
-        let view = |data| KvView { data, row_stride: d, head_stride: d };
+        let view = |data| KvView::f32(data, d, d);
         let shape = AttentionShape {
             q_len: sq,
             kv_len: sq,
@@ -434,7 +580,7 @@ mod tests {
             window: 0,
         };
         let z = [0.0f32; 8];
-        let kv = KvView { data: &z, row_stride: 4, head_stride: 2 };
+        let kv = KvView::f32(&z, 4, 2);
         assert!(attention(&[0.0; 6], kv, kv, &shape, &mut [0.0; 6]).is_err());
     }
 }

@@ -30,6 +30,8 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub max_seq_len: usize,
     pub max_batch_size: usize,
+    /// The KV cache holds f16 (else f32).
+    pub kv_f16: bool,
     /// Every tensor this engine holds by Hugging Face name (a stage's layers renumbered from 0),
     /// with its shape.
     pub tensors: Vec<(String, Vec<usize>)>,
@@ -133,6 +135,7 @@ mod tests {
             tie_word_embeddings: true,
             max_seq_len: 4,
             max_batch_size: 1,
+            kv_f16: false,
             tensors: vec![],
             layer_offset: 0,
             embeds_tokens: true,

@@ -157,6 +157,7 @@ impl Llama {
             config.num_kv_heads,
             config.max_seq_len,
             config.head_dim,
+            config.kv_f16,
         )?;
         Ok(Llama { weights, config, cache, rope_cos, rope_sin, loaded: false })
     }

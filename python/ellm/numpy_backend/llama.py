@@ -32,8 +32,9 @@ class NumpyLlama:
         self.windows = self.stage.layer_windows(args)
         # one slot per sequence: [layers, slots, kv_heads, max_seq_len, head_dim]
         shape = (self.stage.num_layers, args.max_batch_size, args.num_key_value_heads, args.max_seq_len, self.head_dim)
-        self.cache_k = np.zeros(shape, dtype=np.float32)
-        self.cache_v = np.zeros(shape, dtype=np.float32)
+        cache_dtype = np.float16 if args.kv_cache_dtype == "f16" else np.float32  # stores round to nearest
+        self.cache_k = np.zeros(shape, dtype=cache_dtype)
+        self.cache_v = np.zeros(shape, dtype=cache_dtype)
         self.filled = [0] * args.max_batch_size  # per slot: every position at or past it holds zeros
 
     def set_weight(self, name: str, array: np.ndarray) -> None:
@@ -195,8 +196,9 @@ class NumpyLlama:
             self.cache_v[i, slot, :, pos:last] = v[first:end].transpose(1, 0, 2)
             self.filled[slot] = max(self.filled[slot], last)
             context[first:end] = K.attention(
-                q[first:end], self.cache_k[i, slot, :, :last].transpose(1, 0, 2),
-                self.cache_v[i, slot, :, :last].transpose(1, 0, 2), True, pos, 1.0 / np.sqrt(d), self.windows[i],
+                q[first:end], self.cache_k[i, slot, :, :last].transpose(1, 0, 2).astype(np.float32),
+                self.cache_v[i, slot, :, :last].transpose(1, 0, 2).astype(np.float32), True, pos, 1.0 / np.sqrt(d),
+                self.windows[i],
             ).reshape(end - first, -1)
         emit(n(H.ATTENTION_CONTEXT), layer, context, (a.q_dim(),))
         attn_out = K.linear(context, w("self_attn.o_proj.weight"), bias("self_attn.o_proj.bias"))
