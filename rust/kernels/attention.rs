@@ -224,7 +224,7 @@ fn attend_one<T: Element>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if qv.len().is_multiple_of(8) && crate::kernels::simd::has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
-        // SAFETY: the CPU has AVX2 and FMA.
+        // SAFETY: the CPU has AVX2, FMA and F16C.
         return unsafe { avx2::attend_one(qv, k, v, scale, scores, o) };
     }
     attend_one_portable(qv, k, v, scale, scores, o)
