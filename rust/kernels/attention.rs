@@ -34,31 +34,27 @@ impl<'a> KvView<'a> {
     }
 
     /// Head g's vectors from position `first` on, as stored.
-    fn head_as<T: Element>(data: &'a [T], row_stride: usize, head_stride: usize, g: usize, first: usize) -> HeadView<'a, T> {
+    fn head_as<T: Element>(
+        data: &'a [T],
+        row_stride: usize,
+        head_stride: usize,
+        g: usize,
+        first: usize,
+    ) -> HeadView<'a, T> {
         HeadView { data: &data[first * row_stride + g * head_stride..], stride: row_stride }
     }
 
-    /// Head g's `d`-value vectors at `positions` as f32: read in place from an f32 cache, or
-    /// widened into `scratch` (then `d` apart) from an f16 one.
-    fn head<'s>(
-        &'s self,
-        g: usize,
-        positions: std::ops::Range<usize>,
-        d: usize,
-        scratch: &'s mut Vec<f32>,
-    ) -> HeadView<'s> {
-        let at = |t: usize| t * self.row_stride + g * self.head_stride;
-        match self.data {
-            KvData::F32(data) => HeadView { data: &data[at(positions.start)..], stride: self.row_stride },
-            KvData::F16(data) => {
-                scratch.clear();
-                scratch.resize(positions.len() * d, 0.0);
-                for (t, out) in positions.zip(scratch.chunks_exact_mut(d)) {
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&data[at(t)..at(t) + d], out);
-                }
-                HeadView { data: scratch, stride: d }
+    /// The first `len` positions of every one of `heads` heads as f32, `[heads, len, d]`.
+    fn widened(&self, len: usize, heads: usize, d: usize) -> Vec<f32> {
+        let mut out = vec![0.0; heads * len * d];
+        for (i, row) in out.chunks_exact_mut(d).enumerate() {
+            let at = (i % len) * self.row_stride + (i / len) * self.head_stride;
+            match self.data {
+                KvData::F32(data) => row.copy_from_slice(&data[at..at + d]),
+                KvData::F16(data) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&data[at..at + d], row),
             }
         }
+        out
     }
 }
 
@@ -203,15 +199,6 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
     Ok(())
 }
 
-/// A task's buffers (`attention_by_heads`): scores, and the keys and values it widened from an
-/// f16 cache.
-#[derive(Default)]
-struct Scratch {
-    scores: Vec<f32>,
-    keys: Vec<f32>,
-    values: Vec<f32>,
-}
-
 /// One query against one head's keys and values (`scores.len()` of them, from the views' first
 /// position): the scores, their softmax, and the weighted sum of the values into `o`.
 fn attend_one<T: Element>(
@@ -344,22 +331,27 @@ const QUERY_CHUNK: usize = 64;
 /// chunks) share out evenly where heads alone would not. Each GEMM is single-threaded.
 fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &mut [f32]) {
     let (sq, nh, d) = (shape.q_len, shape.n_heads, shape.head_dim);
+    let (KvData::F32(keys_f32), KvData::F32(values_f32)) = (k.data, v.data) else {
+        // an f16 cache: its visible keys and values widened once, for every task's GEMMs
+        let (len, heads) = (shape.kv_len, shape.n_kv_heads);
+        let (kw, vw) = (k.widened(len, heads, d), v.widened(len, heads, d));
+        let view = |data| KvView::f32(data, d, len * d);
+        return attention_by_heads(q, view(&kw), view(&vw), shape, out);
+    };
     let group = nh / shape.n_kv_heads;
     let row = nh * d;
     let chunks = sq.div_ceil(QUERY_CHUNK);
     let out_ptr = DisjointWrites(out.as_mut_ptr());
     pool::install(|| {
-        (0..nh * chunks).into_par_iter().for_each_init(Scratch::default, |s, task| {
+        (0..nh * chunks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
             let (h, c) = (task / chunks, task % chunks);
             let g = h / group;
             let queries = c * QUERY_CHUNK..((c + 1) * QUERY_CHUNK).min(sq);
             // the keys some query of the chunk sees: visible ranges only move forward
             let keys = shape.visible(queries.start).start..shape.visible(queries.end - 1).end;
             let (m, n) = (queries.len(), keys.len());
-            let Scratch { scores, keys: key_buf, values: value_buf } = s;
             scores.clear();
             scores.resize(m * n, 0.0);
-            let (kh, vh) = (k.head(g, keys.clone(), d, key_buf), v.head(g, keys.clone(), d, value_buf));
             // SAFETY: every view below stays inside its buffer (q: [sq, nh, d]; k, v: kv_len rows
             // of the view, of which `keys`; scores: [m, n]), and the task writes only rows
             // `queries` of head h's d columns of `out`.
@@ -372,7 +364,11 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
                     n,
                     1,
                     View { ptr: q.as_ptr().add(queries.start * row + h * d), row_stride: row, col_stride: 1 },
-                    View { ptr: kh.data.as_ptr(), row_stride: 1, col_stride: kh.stride },
+                    View {
+                        ptr: keys_f32.as_ptr().add(keys.start * k.row_stride + g * k.head_stride),
+                        row_stride: 1,
+                        col_stride: k.row_stride,
+                    },
                     gemm::Parallelism::None,
                 );
             }
@@ -396,7 +392,11 @@ fn attention_by_heads(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, o
                     row,
                     1,
                     View { ptr: scores.as_ptr(), row_stride: n, col_stride: 1 },
-                    View { ptr: vh.data.as_ptr(), row_stride: vh.stride, col_stride: 1 },
+                    View {
+                        ptr: values_f32.as_ptr().add(keys.start * v.row_stride + g * v.head_stride),
+                        row_stride: v.row_stride,
+                        col_stride: 1,
+                    },
                     gemm::Parallelism::None,
                 );
             }
