@@ -89,6 +89,21 @@ def test_quantize_and_normal_agree(data):
     np.testing.assert_allclose(r, p, rtol=1e-5, atol=1e-5)
 
 
+@SETTINGS
+@given(st.data())
+def test_sample_agrees(data):
+    rows, vocab = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 3000))
+    x = arrays(data.draw, (rows, vocab))
+    if vocab > 1:
+        x[:, data.draw(st.integers(0, vocab - 1))] = -np.inf  # a banned id
+    u = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).random(rows)
+    per_row = {"temperature": [data.draw(st.sampled_from([0.0, 0.3, 1.0, 2.0])) for _ in range(rows)],
+               "top_p": [data.draw(st.sampled_from([1.0, 0.9, 0.3, 1e-6])) for _ in range(rows)],
+               "top_k": [data.draw(st.sampled_from([0, 1, 5, 100])) for _ in range(rows)]}
+    r, p = on_both(ops.sample, x, u, **per_row)
+    np.testing.assert_array_equal(r, p)
+
+
 # ----- NumPy twins against independent definitions -----
 
 def test_attention_by_explicit_loops():
@@ -174,6 +189,51 @@ def test_non_contiguous_and_float64_inputs_are_converted():
     np.testing.assert_allclose(out, x @ w.T)
 
 
+def expected_sample_frequencies(logits, temperature, top_p, top_k):
+    """What each id's share of draws must be: softmax, a full stable sort, top-k, then the
+    smallest prefix whose probability reaches top_p, renormalized."""
+    p = np.exp(logits.astype(np.float64) / temperature)
+    p /= p.sum()
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    kept, mass = [], 0.0
+    for rank, i in enumerate(order):
+        if (top_k and rank >= top_k) or mass > top_p:
+            break
+        kept.append(i)
+        mass += p[i]
+    out = np.zeros(len(p))
+    out[kept] = p[kept] / p[kept].sum()
+    return out
+
+
+@pytest.mark.parametrize("b", ["rust", "numpy"])
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.5, 1.0, 0), (1.0, 1.0, 2), (1.0, 0.55, 0),
+                                                       (2.0, 0.7, 3), (1.0, 1e-9, 0)])
+def test_sample_draws_each_id_as_often_as_its_probability(b, temperature, top_p, top_k):
+    """u on an even grid of 20000 points: the inverse of the running sum gives every id a share of
+    the grid equal to its kept, renormalized probability, to within one grid step."""
+    logits = np.log(np.array([0.05, 0.3, 0.1, 0.3, 0.25], np.float32))  # a tie between ids 1 and 3
+    u = (np.arange(20000) + 0.5) / 20000
+    ellm.set_backend(b)
+    try:
+        ids = ops.sample(np.broadcast_to(logits, (len(u), 5)), u, temperature=temperature, top_p=top_p, top_k=top_k)
+    finally:
+        ellm.set_backend("rust")
+    shares = np.bincount(ids, minlength=5) / len(u)
+    np.testing.assert_allclose(shares, expected_sample_frequencies(logits, temperature, top_p, top_k), atol=2e-4)
+    assert (np.diff(ids[np.isin(ids, [1, 3])]) >= 0).all()  # the tie: id 1 before id 3
+
+
+def test_seeded_sampling_draws_once_per_row_and_never_when_greedy():
+    from ellm.sampling import sample
+    logits = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
+    rng = np.random.default_rng(7)
+    assert (sample(logits, 0.0, 1.0, None, rng) == logits.argmax(axis=1)).all()
+    chosen = sample(logits, 0.9, 0.8, 10, rng)
+    np.testing.assert_array_equal(chosen, ops.sample(logits, np.random.default_rng(7).random(3), temperature=0.9,
+                                                     top_p=0.8, top_k=10))
+
+
 # ----- errors -----
 
 @pytest.mark.parametrize("b", ["rust", "numpy"])
@@ -200,6 +260,19 @@ def test_errors_name_the_problem(b):
             ops.normal(3, seed=-1)
         with pytest.raises(TypeError):
             ops.silu("not numbers")
+        with pytest.raises(ValueError, match="row 1.*NaN"):
+            ops.sample(np.array([[0.0, 1.0], [np.nan, 0.0]]), [0.5, 0.5])
+        with pytest.raises(ValueError, match="row 0.*-inf"):
+            ops.sample(np.full((1, 3), -np.inf), 0.5)
+        for bad in ({"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                ops.sample(np.zeros((1, 3)), 0.5, **bad)
+        with pytest.raises(ValueError, match="u must be in"):
+            ops.sample(np.zeros((1, 3)), 1.0)
+        with pytest.raises(ValueError, match=r"one per row \(2\)"):
+            ops.sample(np.zeros((2, 3)), [0.1, 0.2, 0.3])
+        with pytest.raises(TypeError, match="top_k must be ints"):
+            ops.sample(np.zeros((2, 3)), 0.5, top_k=2.5)
     finally:
         ellm.set_backend("rust")
 

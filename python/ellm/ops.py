@@ -18,7 +18,7 @@ from ._backend import kernels as _impl
 
 __all__ = [
     "matmul", "linear", "rms_norm", "rope", "silu", "swiglu", "softmax", "attention",
-    "quantize", "normal", "optical_linear", "optical_linear_backward", "rope_scaling_params",
+    "quantize", "normal", "sample", "optical_linear", "optical_linear_backward", "rope_scaling_params",
 ]
 
 _U64 = 1 << 64
@@ -239,6 +239,45 @@ def normal(shape: int | Sequence[int], seed: int, stream: int = 0) -> np.ndarray
     count = math.prod(shape)
     check_size(count, "normal's samples")
     return _impl().normal(count, _u64(seed, "seed"), _u64(stream, "stream")).reshape(shape)
+
+
+def _per_row(value: Any, rows: int, dtype: type, name: str) -> np.ndarray:
+    a = np.asarray(value)
+    if a.dtype.kind not in "iuf" or (a.dtype.kind == "f" and dtype is np.int64):
+        raise TypeError(f"sample: {name} must be {'ints' if dtype is np.int64 else 'numbers'}, got {a.dtype}")
+    if a.ndim > 1 or a.ndim == 1 and len(a) != rows:
+        raise ValueError(f"sample: {name} must be one value or one per row ({rows}), got shape {a.shape}")
+    return np.ascontiguousarray(np.broadcast_to(a, (rows,)), dtype=dtype)
+
+
+def sample(logits: Any, u: Any, *, temperature: Any = 1.0, top_p: Any = 1.0, top_k: Any = 0) -> np.ndarray:
+    """A token id per row of `logits` `[..., vocab]`, drawn at the uniform numbers `u` in [0, 1).
+
+    Temperature <= 0 is greedy. Otherwise the probabilities are softmax(logits / temperature),
+    cut to the `top_k` most likely ids (0: no cut) and to the smallest most-likely-first prefix
+    whose probability reaches `top_p`; the id is where their running sum first exceeds `u` times
+    their total (so `u` from a seeded generator gives the same ids on both backends, up to float
+    rounding at a boundary). `u`, `temperature`, `top_p` and `top_k` are one value or one per row.
+    Rows that hold NaN or +inf, or only -inf, raise ValueError.
+    """
+    x = _f32(logits, "logits")
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ValueError(f"sample: logits must be [..., vocab] with vocab > 0, got shape {x.shape}")
+    rows = _rows(x)
+    n = len(rows)
+    u = _per_row(u, n, np.float64, "u")
+    temperature = _per_row(temperature, n, np.float32, "temperature")
+    top_p = _per_row(top_p, n, np.float64, "top_p")
+    top_k = _per_row(top_k, n, np.int64, "top_k")
+    if not ((u >= 0) & (u < 1)).all():
+        raise ValueError("sample: u must be in [0, 1)")
+    if not (np.isfinite(temperature) & (temperature >= 0)).all():
+        raise ValueError("sample: temperature must be finite and >= 0")
+    if not ((top_p > 0) & (top_p <= 1)).all():
+        raise ValueError("sample: top_p must be in (0, 1]")
+    if (top_k < 0).any():
+        raise ValueError("sample: top_k must be >= 0")
+    return _impl().sample(rows, u, temperature, top_p, top_k).reshape(x.shape[:-1])
 
 
 def optical_linear(

@@ -1,13 +1,16 @@
 //! `ellm._lowlevel` kernels. Shapes were checked by `ellm.ops`; they are checked again here so
 //! a direct caller gets a ValueError too.
 
-use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArrayDyn, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::{compute, shape_of, slice, to_array};
 use crate::error::EllmError;
 use crate::kernels::matmul as gemm_kernels;
+use crate::kernels::sample::{sample_rows, Sampling};
 use crate::kernels::{activation, attention, norm, optical, quantize, rng, rope, softmax};
 
 type Array<'py, T = f32> = Bound<'py, PyArrayDyn<T>>;
@@ -233,6 +236,33 @@ fn normal<'py>(py: Python<'py>, count: usize, seed: u64, stream: u64) -> Out<'py
     to_array(py, out, &[count])
 }
 
+/// One token id per row of `logits` `[rows, vocab]`; per row: the uniform draw `u`, the
+/// temperature (<= 0: greedy), top_p (1: no cut) and top_k (0: no cut).
+#[pyfunction]
+fn sample<'py>(
+    py: Python<'py>,
+    logits: PyReadonlyArray2<'py, f32>,
+    u: PyReadonlyArray1<'py, f64>,
+    temperature: PyReadonlyArray1<'py, f32>,
+    top_p: PyReadonlyArray1<'py, f64>,
+    top_k: PyReadonlyArray1<'py, i64>,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let (rows, vocab) = (logits.shape()[0], logits.shape()[1]);
+    let (u, temperature, top_p, top_k) = (u.as_slice()?, temperature.as_slice()?, top_p.as_slice()?, top_k.as_slice()?);
+    let lengths = [u.len(), temperature.len(), top_p.len(), top_k.len()];
+    if lengths.iter().any(|&n| n != rows) {
+        return Err(PyValueError::new_err(format!(
+            "sample: {rows} rows of logits need {rows} values each of u, temperature, top_p and top_k, got {lengths:?}"
+        )));
+    }
+    let rows: Vec<Sampling> = (0..rows)
+        .map(|r| Sampling { temperature: temperature[r], top_p: top_p[r], top_k: top_k[r].max(0) as usize, u: u[r] })
+        .collect();
+    let xs = logits.as_slice().map_err(|_| PyValueError::new_err("logits must be C-contiguous"))?;
+    let ids = compute(py, || sample_rows(xs, vocab, &rows))?;
+    Ok(ids.into_iter().map(|i| i as i64).collect::<Vec<_>>().into_pyarray(py))
+}
+
 /// Returns (y, pre_adc_mask or None).
 #[pyfunction]
 #[pyo3(signature = (x, weight, bias, precision, noise_level, temp_drift, attenuation, thermal_std, noisy, seed, want_mask))]
@@ -326,6 +356,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_py, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_py, m)?)?;
     m.add_function(wrap_pyfunction!(normal, m)?)?;
+    m.add_function(wrap_pyfunction!(sample, m)?)?;
     m.add_function(wrap_pyfunction!(optical_linear, m)?)?;
     m.add_function(wrap_pyfunction!(optical_linear_backward, m)?)?;
     Ok(())

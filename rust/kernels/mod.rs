@@ -13,6 +13,7 @@ pub mod quant;
 pub mod quantize;
 pub mod rng;
 pub mod rope;
+pub mod sample;
 pub mod simd;
 pub mod softmax;
 pub mod team;

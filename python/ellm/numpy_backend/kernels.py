@@ -112,6 +112,66 @@ def quantize(x: np.ndarray, bits: int, min_val: float, max_val: float) -> np.nda
     return (np.round((np.clip(x, lo, hi) - lo) / span * levels) / levels * span + lo).astype(F32, copy=False)
 
 
+def sample(logits: np.ndarray, u: np.ndarray, temperature: np.ndarray, top_p: np.ndarray,
+           top_k: np.ndarray) -> np.ndarray:
+    """One id per row of `logits` `[rows, vocab]`. Temperature <= 0 is greedy (the first maximum).
+    Otherwise the probabilities are softmax(logits / temperature); top_k > 0 keeps the k most
+    likely ids and top_p < 1 the smallest most-likely-first prefix whose probability reaches top_p
+    (Meta's sample_top_p; ties order by id); the id drawn is where the running sum of what is kept
+    first exceeds `u` times its total."""
+    out = np.empty(len(logits), dtype=np.int64)
+    for r, x in enumerate(logits):
+        m = x.max()
+        if np.isnan(m) or m == np.inf:
+            raise ValueError(f"sample: row {r}: the logits hold NaN or +inf")
+        if m == -np.inf:
+            raise ValueError(f"sample: row {r}: every logit is -inf: no token can be chosen")
+        if temperature[r] <= 0:
+            out[r] = np.argmax(x)
+            continue
+        t = F32(temperature[r])
+        p = np.exp((x / t).astype(np.float64) - float(m / t))
+        p /= p.sum()
+        if top_p[r] >= 1.0 and not top_k[r]:
+            out[r] = _invert_running_sum(p, u[r])
+            continue
+        order, kept = _kept(p, float(top_p[r]), int(top_k[r]))
+        out[r] = order[_invert_running_sum(kept, u[r])]
+    return out
+
+
+def _invert_running_sum(weights: np.ndarray, u: float) -> int:
+    """The first index whose running sum of `weights` exceeds u times their total (the last
+    positive weight where rounding leaves that at the total)."""
+    running = np.cumsum(weights)
+    return int(min(running.searchsorted(u * running[-1], side="right"), np.flatnonzero(weights)[-1]))
+
+
+def _kept(p: np.ndarray, top_p: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids top-k and top-p keep, most likely first (ties by id, as a stable sort of all of p
+    gives them), and their probabilities. Only candidates are sorted: the k best with every tie of
+    the k-th, growing until the nucleus' cutoff falls among them."""
+    n = len(p)
+    want = top_k if top_k else 64
+    while True:
+        if want < n:
+            kth = np.partition(p, n - want)[n - want]  # the want-th largest probability
+            candidates = np.flatnonzero(p >= kth)
+        else:
+            candidates = np.arange(n)
+        order = candidates[np.argsort(-p[candidates], kind="stable")]
+        sorted_p = p[order]
+        if top_k:
+            sorted_p[top_k:] = 0.0
+        if top_p < 1.0:
+            cut = np.cumsum(sorted_p) - sorted_p > top_p
+            if not cut.any() and not top_k and len(candidates) < n:
+                want *= 4  # the nucleus may reach past the candidates
+                continue
+            sorted_p[cut] = 0.0
+        return order, sorted_p
+
+
 # ----- Xoshiro256++ normal samples: the recipe of rust/kernels/rng.rs, in uint64 arithmetic -----
 
 LANES = 8
