@@ -26,7 +26,8 @@ import numpy as np
 from ..batch_rules import check_token_ids
 from ..errors import EllmError
 from ..generation import StopStringFilter
-from ..sampling import apply_logit_bias, apply_penalties, apply_repetition_penalty, log_softmax, sample
+from .. import ops
+from ..sampling import apply_logit_bias, apply_penalties, apply_repetition_penalty, log_softmax
 from ..tokenizer import IncrementalDecoder
 from .params import SamplingParams
 
@@ -308,31 +309,51 @@ class Engine:
             self.prompt_tokens_total += end - start
         logits = self.model.step(np.array(tokens), np.array(slots), np.array(positions), np.array(wanted))
         self.steps_total += 1
-        for request, row in zip(takers, logits):
-            self._next_token(request, row)
+        for request, token, logprobs in zip(takers, *self._choose(takers, logits)):
+            self._next_token(request, token, logprobs)
         with self._lock:
             self._recent.append((time.perf_counter(), len(takers)))
 
-    def _next_token(self, request: Request, logits: np.ndarray) -> None:
+    def _choose(self, takers: list[Request], logits: np.ndarray) -> tuple[list[int], list[list[TokenLogprob]]]:
+        """The next token of every taker (row i of `logits` is taker i's), drawn in one call for all
+        rows, each with its own sampling settings and generator; and the logprobs of those that asked."""
+        if not logits.flags.writeable:
+            logits = logits.copy()
+        n = len(takers)
+        u, temperature = np.zeros(n), np.zeros(n, dtype=np.float32)
+        top_p, top_k = np.ones(n), np.zeros(n, dtype=np.int64)
+        raw_logprobs = [None] * n
+        for i, request in enumerate(takers):
+            p = request.params
+            if p.logprobs is not None:
+                raw_logprobs[i] = log_softmax(logits[i])
+            raw = logits[i]
+            row = apply_penalties(apply_logit_bias(raw, p.logit_bias), request.counts, p.presence_penalty,
+                                  p.frequency_penalty)
+            if p.repetition_penalty != 1.0:
+                row = apply_repetition_penalty(row[None], [np.array(request.prompt + request.generated)],
+                                               p.repetition_penalty)[0]
+            if row is not raw:
+                logits[i] = row
+            if p.temperature > 0:  # greedy rows draw nothing from their generator
+                u[i], temperature[i], top_p[i], top_k[i] = request.rng.random(), p.temperature, p.top_p, p.top_k or 0
+        tokens = [int(t) for t in ops.sample(logits, u, temperature=temperature, top_p=top_p, top_k=top_k)]
+        logprobs = []
+        for token, request, lp in zip(tokens, takers, raw_logprobs):
+            if lp is None:
+                logprobs.append([])
+                continue
+            top = np.argsort(-lp, kind="stable")[:request.params.logprobs]
+            logprobs.append([TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in top])])
+        return tokens, logprobs
+
+    def _next_token(self, request: Request, token: int, logprobs: list[TokenLogprob]) -> None:
         p = request.params
-        raw = logits
-        if p.logit_bias:
-            logits = apply_logit_bias(logits, p.logit_bias)
-        logits = apply_penalties(logits, request.counts, p.presence_penalty, p.frequency_penalty)
-        if p.repetition_penalty != 1.0:
-            seen = np.array(request.prompt + request.generated)
-            logits = apply_repetition_penalty(logits[None], [seen], p.repetition_penalty)[0]
-        token = int(sample(logits[None], p.temperature, p.top_p, p.top_k, request.rng)[0])
         request.generated.append(token)
         request.counts[token] = request.counts.get(token, 0) + 1
         self.generated_tokens_total += 1
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
-        logprobs = []
-        if p.logprobs is not None:
-            lp = log_softmax(raw)
-            top = np.argsort(-lp, kind="stable")[:p.logprobs]
-            logprobs = [TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in top])]
         if token in self.stop_ids:
             text = request.stops.feed(request.decoder.flush()) + request.stops.flush()
             self._finish(request, "stop", Event(text, [token], logprobs, "stop"))
