@@ -58,6 +58,27 @@ def test_same_numbers_from_every_source(bundled_meta, tmp_path, checkpoint, stat
         assert m.totals["weight_bytes"] == 4 * 134_515_008  # f32 as stored
 
 
+def test_kv_cache_dtype_sizes_the_cache_alone(bundled_meta, gguf_path):
+    half = generate_metadata(gguf_path, batch_size=2, sequence_length=100, kv_cache_dtype="f16")
+    assert half.kv_cache_dtype == "f16" and bundled_meta.kv_cache_dtype == "f32"
+    assert half.totals["kv_cache_bytes"] * 2 == independent_count(2, 100)[2]
+    assert {k: v for k, v in half.totals.items() if k != "kv_cache_bytes"} == \
+        {k: v for k, v in bundled_meta.totals.items() if k != "kv_cache_bytes"}
+    assert ModelMetadata.from_dict(json.loads(half.to_json())).kv_cache_dtype == "f16"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        generate_metadata(gguf_path, kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_a_transformer_is_counted_with_its_own_kv_cache(gguf_path, kv):
+    from ellm import Transformer
+
+    model = Transformer.from_pretrained(gguf_path, kv_cache_dtype=kv, max_seq_len=128)
+    m = generate_metadata(model, batch_size=2, sequence_length=100)
+    assert m.kv_cache_dtype == kv
+    assert m.totals["kv_cache_bytes"] == independent_count(2, 100)[2] // (2 if kv == "f16" else 1)
+
+
 def test_compute_required_by_the_original_formula():
     state = {"model.layers.0.self_attn.q_proj.weight": np.zeros((4, 8), np.float32),
              "model.embed_tokens.weight": np.zeros((10, 8), np.float32),
@@ -171,5 +192,8 @@ def test_cli_metadata(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ellm", "metadata", "--out", str(tmp_path / "m.json")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "" and ModelMetadata.load(tmp_path / "m.json").totals["params"] == 134_515_008
+    r = subprocess.run([sys.executable, "-m", "ellm", "metadata", "--kv-cache-dtype", "f16"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["totals"]["kv_cache_bytes"] == 30 * 2 * 2 * 512 * 192
     r = subprocess.run([sys.executable, "-m", "ellm", "metadata", "--nodes", "a:fast"], capture_output=True, text=True)
     assert r.returncode == 1 and "--nodes" in r.stderr and "Traceback" not in r.stderr

@@ -205,7 +205,7 @@ def cmd_metadata(args) -> int:
     path = args.model or bundled_model_path()
     nodes = _parse_nodes(args.nodes) if args.nodes else None
     meta = generate_metadata(path, batch_size=args.batch_size, sequence_length=args.sequence_length,
-                             node_id=args.node_id)
+                             node_id=args.node_id, kv_cache_dtype=args.kv_cache_dtype)
     out = meta.to_dict()
     print(f"{'block':<10} {'params':>12} {'weight bytes':>14} {'GFLOP prefill':>14} {'MFLOP decode':>13} "
           f"{'KV bytes':>12}", file=sys.stderr)
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=1)
     m.add_argument("--sequence-length", type=int, default=512)
     m.add_argument("--node-id")
+    m.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default="f32",
+                   help="what the KV cache holds (an engine keeping quantized weights picks f16)")
     m.add_argument("--out", help="write the JSON here instead of stdout")
     m.add_argument("--nodes", help="plan a split over nodes: ID[:SPEED[:MEMORY_BYTES]],...")
     m.set_defaults(run=cmd_metadata)

@@ -29,6 +29,22 @@ class MetadataConfig:
     batch_size: int = 1
     sequence_length: int = 512
     node_id: str | None = None
+    # What the KV cache holds, "f32" or "f16"; None: a Transformer's own, f32 for anything else.
+    kv_cache_dtype: str | None = None
+
+
+KV_VALUE_BYTES = {"f32": 4, "f16": 2}
+
+
+def _kv_cache_dtype(config: MetadataConfig) -> str:
+    from ..model import Transformer
+
+    dtype = config.kv_cache_dtype
+    if dtype is None:
+        return config.model_path.model_args.kv_cache_dtype if isinstance(config.model_path, Transformer) else "f32"
+    if dtype not in KV_VALUE_BYTES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_VALUE_BYTES))}, got {dtype!r}")
+    return dtype
 
 
 def compute_required(num_params: int, kind: str, batch_size: int, sequence_length: int, model_type: str) -> float:
@@ -63,6 +79,7 @@ class MetadataGenerator:
         if config.batch_size <= 0 or config.sequence_length <= 0:
             raise ValueError(f"batch_size and sequence_length must be positive, got {config.batch_size}, "
                              f"{config.sequence_length}")
+        kv_dtype = _kv_cache_dtype(config)
         headers, fmt = _headers(config.model_path)
         if not headers:
             raise ValueError(f"{config.model_path!r} holds no tensors")
@@ -75,13 +92,13 @@ class MetadataGenerator:
                 name=h.name, shape=list(h.shape), num_params=n,
                 compute_required=compute_required(n, kind, config.batch_size, config.sequence_length, model_type),
                 layer_type=kind, dtype=h.dtype, block=block_of(h.name), weight_bytes=h.nbytes))
-        blocks = count_blocks(headers, config.batch_size, config.sequence_length)
+        blocks = count_blocks(headers, config.batch_size, config.sequence_length, KV_VALUE_BYTES[kv_dtype])
         return ModelMetadata(
             model_name=config.model_name, model_type=model_type, batch_size=config.batch_size,
             sequence_length=config.sequence_length, layers=layers,
             total_compute=sum(x.compute_required for x in layers), total_layers=len(layers),
             generated_at=time.time(), node_id=config.node_id, blocks=blocks, totals=totals(blocks),
-            source_format=fmt)
+            source_format=fmt, kv_cache_dtype=kv_dtype)
 
     @staticmethod
     def save_metadata(metadata: ModelMetadata, path: str | os.PathLike) -> None:
@@ -90,8 +107,10 @@ class MetadataGenerator:
 
 
 def generate_metadata(source: Any, model_name: str | None = None, batch_size: int = 1, sequence_length: int = 512,
-                      node_id: str | None = None) -> ModelMetadata:
-    """Metadata of a path (Hugging Face folder, .safetensors, .gguf), a Transformer or a state_dict."""
+                      node_id: str | None = None, kv_cache_dtype: str | None = None) -> ModelMetadata:
+    """Metadata of a path (Hugging Face folder, .safetensors, .gguf), a Transformer or a state_dict.
+    `kv_cache_dtype` ("f32" or "f16") sizes the KV cache; by default a Transformer's own, else f32."""
     if model_name is None:
         model_name = os.path.basename(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
-    return MetadataGenerator().generate_metadata(MetadataConfig(model_name, source, batch_size, sequence_length, node_id))
+    return MetadataGenerator().generate_metadata(MetadataConfig(model_name, source, batch_size, sequence_length, node_id,
+                                                                kv_cache_dtype))

@@ -6,7 +6,8 @@ and sequence length S:
 - prefill: B*S tokens in one pass, logits at every position; query t (1-based) sees t keys, so
   attention costs 2 * 2 * q_dim * B * S(S+1)/2;
 - decode: one token per sequence after S, seeing S+1 keys: 2 * 2 * q_dim * B * (S+1).
-KV cache: f32 keys and values of S positions for every sequence: 2 * 4 * B * S * kv_dim bytes.
+KV cache: keys and values of S positions for every sequence, of E bytes each (4 for f32, 2 for
+f16): 2 * E * B * S * kv_dim bytes.
 Arithmetic intensity: FLOPs per byte of weights and KV cache the step reads.
 """
 
@@ -47,7 +48,7 @@ def _attention_dims(tensors: list[TensorHeader]) -> tuple[int, int]:
     return q_dim, (kv_dim or q_dim)
 
 
-def count_blocks(headers: list[TensorHeader], batch: int, seq: int) -> list[BlockMetadata]:
+def count_blocks(headers: list[TensorHeader], batch: int, seq: int, kv_value_bytes: int = 4) -> list[BlockMetadata]:
     groups: dict[str, list[TensorHeader]] = {}
     for t in headers:
         groups.setdefault(block_of(t.name), []).append(t)
@@ -66,7 +67,7 @@ def count_blocks(headers: list[TensorHeader], batch: int, seq: int) -> list[Bloc
             q_dim, kv_dim = _attention_dims(tensors)
             flops_prefill = matrix_flops * batch * seq + 2 * q_dim * batch * seq * (seq + 1)
             flops_decode = matrix_flops * batch + 4 * q_dim * batch * (seq + 1)
-            kv_bytes = 2 * 4 * batch * seq * kv_dim
+            kv_bytes = 2 * kv_value_bytes * batch * seq * kv_dim
         elif name == "head":
             head = next((t for t in tensors if is_output_head(t.name)), None)
             if head is None and not has_head_matrix and embedding is not None:

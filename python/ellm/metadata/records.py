@@ -51,6 +51,7 @@ class ModelMetadata:
     blocks: list[BlockMetadata] = field(default_factory=list)
     totals: dict[str, int] = field(default_factory=dict)
     source_format: str | None = None
+    kv_cache_dtype: str = "f32"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
