@@ -317,16 +317,76 @@ pub fn group_bytes(kind: QuantKind, cols: usize) -> usize {
     super::with_kind!(kind, F => cols / F::ELEMS * block_bytes::<F>())
 }
 
+/// Which weights a kernel call over one group asks the memory for ahead of its loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Its own sub-blocks a fixed distance ahead (running on into the next group's first): a
+    /// core streams weights from RAM faster with requests ahead of its loads.
+    Ahead,
+    /// Part `part` of `parts` of the group that follows, spread evenly over the call: while the
+    /// later tiles of inputs compute from the cache, the memory brings the next group in, so
+    /// streaming and compute overlap.
+    Next { part: usize, parts: usize },
+    /// Nothing: the group is already in the cache.
+    Off,
+}
+
+/// How far ahead of the sub-block being multiplied `Prefetch::Ahead` asks.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// One kernel call's prefetching over its group, told of each sub-block as the call reaches it.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct Prefetcher {
+    mode: Prefetch,
+    group: *const u8,
+    group_len: usize,
+    /// `Next`: the next group's bytes asked for so far, and where this call's part ends.
+    next_at: usize,
+    next_end: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Prefetcher {
+    pub(super) fn new(mode: Prefetch, group: &[u8]) -> Self {
+        let (next_at, next_end) = match mode {
+            Prefetch::Next { part, parts } => (part * group.len() / parts, (part + 1) * group.len() / parts),
+            _ => (0, 0),
+        };
+        Prefetcher { mode, group: group.as_ptr(), group_len: group.len(), next_at, next_end }
+    }
+
+    /// The call reached the `len` bytes at `sub` of its group.
+    #[inline(always)]
+    pub(super) unsafe fn reached(&mut self, sub: *const u8, len: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        match self.mode {
+            Prefetch::Ahead => {
+                for line in 0..len.div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(sub.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
+                }
+            }
+            Prefetch::Next { parts, .. } => {
+                // as far into the part as the call is into its group
+                let left = self.group_len - (sub.offset_from(self.group) as usize + len);
+                let until = self.next_end - left / parts;
+                while self.next_at < until {
+                    _mm_prefetch::<_MM_HINT_T0>(self.group.wrapping_add(self.group_len + self.next_at).cast());
+                    self.next_at += 64;
+                }
+            }
+            Prefetch::Off => {}
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
     //! The AVX-512 VNNI kernel over one group of 16 rows.
 
     use std::arch::x86_64::*;
 
-    use super::{block_bytes, sub_bytes, value_bytes, Interleave, ROWS, SUB, VECTOR};
+    use super::{block_bytes, sub_bytes, value_bytes, Interleave, Prefetch, Prefetcher, ROWS, SUB, VECTOR};
 
-    /// How far ahead of the sub-block being multiplied its successors are prefetched.
-    const PREFETCH: usize = 2048;
     use crate::kernels::quant::activation::{QuantizedRows, LO_SHIFT};
     use crate::kernels::quant::blocks::*;
 
@@ -442,19 +502,6 @@ pub mod x86 {
         }
     }
 
-    /// Which weights a call of `group_dot` asks the memory system for ahead of its loads.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Prefetch {
-        /// Its own sub-blocks a fixed distance ahead (running on into the next group's first).
-        Ahead,
-        /// Part `part` of `parts` of the group that follows the (single) group, spread evenly over
-        /// the call: while later tiles of inputs compute from the cache, the memory brings the
-        /// next group in, so streaming and compute overlap.
-        Next { part: usize, parts: usize },
-        /// Nothing: its weights are already in the cache.
-        Off,
-    }
-
     /// `out[k][c][r]` = row r of group `groups[k]` against activation row `first + c`, for RX
     /// activation rows and G groups at once: each activation broadcast feeds G products, each
     /// weight vector RX (the kernel is bound by loads otherwise).
@@ -471,13 +518,8 @@ pub mod x86 {
         prefetch: Prefetch,
         out: &mut [[[f32; ROWS]; RX]; G],
     ) {
-        let group_len = groups[0].len();
-        let blocks = group_len / block_bytes::<F>();
-        // the next group's bytes this call prefetches, and how far it has got
-        let (mut next_at, next_end, parts) = match prefetch {
-            Prefetch::Next { part, parts } => (part * group_len / parts, (part + 1) * group_len / parts, parts),
-            _ => (0, 0, 1),
-        };
+        let blocks = groups[0].len() / block_bytes::<F>();
+        let mut prefetchers: [Prefetcher; G] = std::array::from_fn(|k| Prefetcher::new(prefetch, groups[k]));
         let mut acc = [[_mm512_setzero_ps(); RX]; G];
         let subs = F::ELEMS / SUB;
         let half_of_hi = if F::SPLIT { 1 } else { 0 };
@@ -485,20 +527,8 @@ pub mod x86 {
             let block: [*const u8; G] = std::array::from_fn(|k| groups[k].as_ptr().add(b * block_bytes::<F>()));
             for j in 0..subs {
                 let sub: [*const u8; G] = std::array::from_fn(|k| block[k].add(F::HEAD + j * sub_bytes::<F>()));
-                // a single core streams weights from RAM faster with requests ahead of its loads
-                if prefetch == Prefetch::Ahead {
-                    for k in 0..G {
-                        for line in 0..sub_bytes::<F>().div_ceil(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(sub[k].wrapping_add(PREFETCH + 64 * line).cast());
-                        }
-                    }
-                } else if next_at < next_end {
-                    let walked = sub[0].offset_from(groups[0].as_ptr()) as usize + sub_bytes::<F>();
-                    let until = (next_end - (group_len - walked) / parts).min(next_end);
-                    while next_at < until {
-                        _mm_prefetch::<_MM_HINT_T0>(groups[0].as_ptr().wrapping_add(group_len + next_at).cast());
-                        next_at += 64;
-                    }
+                for (p, &at) in prefetchers.iter_mut().zip(&sub) {
+                    p.reached(at, sub_bytes::<F>());
                 }
                 let ab = b * subs + j; // the activation block
                 let zero = _mm512_setzero_si512();

@@ -15,13 +15,10 @@ use std::arch::x86_64::*;
 
 use super::activation::{QuantizedRows, LO_SHIFT};
 use super::blocks::*;
-use super::interleaved::{block_bytes, sub_bytes, value_bytes, Interleave, ROWS, SUB, VECTOR};
+use super::interleaved::{block_bytes, sub_bytes, value_bytes, Interleave, Prefetch, Prefetcher, ROWS, SUB, VECTOR};
 
 /// Rows per 256-bit vector: half a group.
 pub const HALF: usize = 8;
-
-/// How far ahead of the sub-block being multiplied its successors are prefetched (decode).
-const PREFETCH: usize = 2048;
 
 /// Each format's scale and offset vectors of 8 rows (`r0` = 0 or 8: the group's half), of half
 /// `half` of a sub-block: the vector form of `Interleave::scale_offset`.
@@ -124,16 +121,6 @@ unsafe fn shift(v: __m256i, from: i32, to: i32) -> __m256i {
     }
 }
 
-/// A core streams weights from RAM faster with requests ahead of its loads: the sub-block
-/// `PREFETCH` bytes on from `sub`. Only the first pass over a group asks (its first tile of
-/// inputs, first half); later passes find the group in the cache.
-#[inline(always)]
-unsafe fn prefetch_ahead<F: Interleave>(sub: *const u8) {
-    for line in 0..sub_bytes::<F>().div_ceil(64) {
-        _mm_prefetch::<_MM_HINT_T0>(sub.add(PREFETCH + 64 * line).cast());
-    }
-}
-
 #[inline(always)]
 unsafe fn broadcast4(p: *const i8) -> __m256i {
     _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
@@ -168,12 +155,14 @@ pub unsafe fn half_group_dot<F: Scales8, const RX: usize, const H: usize>(
     r0: usize,
     act: &QuantizedRows,
     first: usize,
+    prefetch: Prefetch,
     out: &mut [[[f32; HALF]; H]; RX],
 ) {
     if F::BITS == 8 {
-        return eight_bit_dot::<RX, H>(group, r0, act, first, out);
+        return eight_bit_dot::<RX, H>(group, r0, act, first, prefetch, out);
     }
     let blocks = group.len() / block_bytes::<F>();
+    let mut prefetcher = Prefetcher::new(prefetch, group);
     let subs = F::ELEMS / SUB;
     let half_of_hi = if F::SPLIT { 1 } else { 0 };
     let (first_digit, second_digit) = (_mm256_set1_epi16(1 << LO_SHIFT), _mm256_set1_epi16(1));
@@ -183,9 +172,7 @@ pub unsafe fn half_group_dot<F: Scales8, const RX: usize, const H: usize>(
         let block = group.as_ptr().add(b * block_bytes::<F>());
         for j in 0..subs {
             let sub = block.add(F::HEAD + j * sub_bytes::<F>());
-            if first == 0 && r0 == 0 {
-                prefetch_ahead::<F>(sub);
-            }
+            prefetcher.reached(sub, sub_bytes::<F>());
             let ab = b * subs + j; // the activation block
                                    // [c][h][half]: i32 sums of both digits; [c][h][half][digit]: i16 sums not yet widened
             let mut ints = [[[zero; 2]; H]; RX];
@@ -264,18 +251,18 @@ unsafe fn eight_bit_dot<const RX: usize, const H: usize>(
     r0: usize,
     act: &QuantizedRows,
     first: usize,
+    prefetch: Prefetch,
     out: &mut [[[f32; HALF]; H]; RX],
 ) {
     type F = BlockQ8_0;
     let blocks = group.len() / block_bytes::<F>();
+    let mut prefetcher = Prefetcher::new(prefetch, group);
     let zero = _mm256_setzero_si256();
     let mut acc = [[_mm256_setzero_ps(); H]; RX];
     for b in 0..blocks {
         let block = group.as_ptr().add(b * block_bytes::<F>());
         let sub = block.add(F::HEAD); // a block is one sub-block, with no scales of its own
-        if first == 0 && r0 == 0 {
-            prefetch_ahead::<F>(sub);
-        }
+        prefetcher.reached(sub, sub_bytes::<F>());
         // [c][h][rows 0-3 or 4-7 of the half]: per row two lanes of `sum (q + 128) * a`
         let mut ints = [[[zero; 2]; H]; RX];
         for g in 0..SUB / 4 {
