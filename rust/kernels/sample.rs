@@ -1,7 +1,7 @@
 //! Choosing the next token from a row of logits: greedy, temperature, top-k and top-p (nucleus),
 //! the rules of `ellm.numpy_backend.kernels.sample`, which is their readable definition.
 //!
-//! A row's weights are `exp(x / t - max / t)`. With nothing cut, the draw inverts their running
+//! A row's weights are `exp((x - max) / t)`. With nothing cut, the draw inverts their running
 //! sum at `u` times their total, in blocks: the block sums are vectorized, and only the block the
 //! draw falls in is walked one weight at a time. With a cut, only candidates are sorted: the k
 //! heaviest with every tie of the k-th for top-k; for top-p, the weights down to the power of two
@@ -58,11 +58,15 @@ fn sample_row(row: &[f32], s: &Sampling, weights: &mut Vec<f32>) -> std::result:
     if s.temperature <= 0.0 {
         return Ok(argmax);
     }
-    weights.resize(row.len(), 0.0);
-    let total = exp_weights(row, s.temperature, max / s.temperature, weights);
+    let inv_t = 1.0 / s.temperature;
     if s.top_k == 0 && s.top_p >= 1.0 {
-        return Ok(invert_running_sum(weights, s.u * total));
+        // nothing is cut: no weight need be kept, only block sums to find the draw's block by
+        weights.resize(row.len().div_ceil(BLOCK), 0.0);
+        let total = block_sums(row, max, inv_t, weights);
+        return Ok(invert_running_sum(row, max, inv_t, weights, s.u * total));
     }
+    weights.resize(row.len(), 0.0);
+    let total = exp_weights(row, max, inv_t, weights);
     Ok(draw_from_candidates(weights, total, s))
 }
 
@@ -88,20 +92,20 @@ dispatch! {
     }
 }
 
-dispatch! {
-    /// Fills `weights` with `exp(x / t - scaled_max)` and returns their sum in f64.
-    fn exp_weights(row: &[f32], t: f32, scaled_max: f32, weights: &mut [f32]) -> f64 {
-        for (w, &x) in weights.iter_mut().zip(row) {
-            *w = exp(x / t - scaled_max);
-        }
-        sum_f64(weights)
-    }
+/// A logit's weight: its probability times the row's normalizer, `exp((x - max) / t)`.
+#[inline(always)]
+fn weight(x: f32, max: f32, inv_t: f32) -> f32 {
+    exp((x - max) * inv_t)
 }
 
 dispatch! {
-    fn sum_f64(w: &[f32]) -> f64 {
+    /// Fills `weights` with the row's weights and returns their sum in f64.
+    fn exp_weights(row: &[f32], max: f32, inv_t: f32, weights: &mut [f32]) -> f64 {
+        for (w, &x) in weights.iter_mut().zip(row) {
+            *w = weight(x, max, inv_t);
+        }
         let mut lanes = [0.0f64; 8];
-        let mut chunks = w.chunks_exact(8);
+        let mut chunks = weights.chunks_exact(8);
         for c in &mut chunks {
             for (l, &v) in lanes.iter_mut().zip(c) {
                 *l += v as f64;
@@ -111,23 +115,43 @@ dispatch! {
     }
 }
 
-/// The first index whose running sum of `weights` exceeds `target` (a weight of 0 is never
-/// chosen); the last positive weight when rounding leaves `target` at or past the total.
-fn invert_running_sum(weights: &[f32], target: f64) -> usize {
-    let mut before = 0.0f64;
-    for (b, block) in weights.chunks(BLOCK).enumerate() {
-        let in_block = sum_f64(block);
-        if before + in_block > target {
-            for (i, &w) in block.iter().enumerate() {
-                before += w as f64;
-                if before > target {
-                    return b * BLOCK + i;
+dispatch! {
+    /// The sum of the row's weights in each block of BLOCK logits into `sums`, and their total.
+    fn block_sums(row: &[f32], max: f32, inv_t: f32, sums: &mut [f32]) -> f64 {
+        let mut total = 0.0f64;
+        for (sum, block) in sums.iter_mut().zip(row.chunks(BLOCK)) {
+            let mut lanes = [0.0f32; 16];
+            let mut chunks = block.chunks_exact(16);
+            for c in &mut chunks {
+                for (l, &x) in lanes.iter_mut().zip(c) {
+                    *l += weight(x, max, inv_t);
                 }
             }
+            *sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&x| weight(x, max, inv_t)).sum::<f32>();
+            total += *sum as f64;
         }
-        before += in_block;
+        total
     }
-    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
+}
+
+/// The first logit whose running sum of weights exceeds `target` (a weight of 0 is never
+/// chosen): the block by its sum, then weight by weight from there (on into later blocks should
+/// the block's sum have rounded up); the last positive weight when rounding leaves `target` at
+/// or past the total.
+fn invert_running_sum(row: &[f32], max: f32, inv_t: f32, sums: &[f32], target: f64) -> usize {
+    let mut before = 0.0f64;
+    let mut first = 0;
+    while first + 1 < sums.len() && before + sums[first] as f64 <= target {
+        before += sums[first] as f64;
+        first += 1;
+    }
+    for (i, &x) in row.iter().enumerate().skip(first * BLOCK) {
+        before += weight(x, max, inv_t) as f64;
+        if before > target {
+            return i;
+        }
+    }
+    row.iter().rposition(|&x| weight(x, max, inv_t) > 0.0).unwrap_or(0)
 }
 
 /// Top-k and top-p: the kept ids, heaviest first (ties by id), then the draw among them.
