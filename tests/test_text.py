@@ -9,6 +9,7 @@ import pytest
 
 import ellm
 from ellm import Llama, Tokenizer
+from ellm.tokenizer import IncrementalDecoder
 
 from conftest import DATA
 
@@ -183,6 +184,48 @@ def test_sentencepiece_style_llama_vocabulary(tmp_path):
     ids = tok.encode("hé")  # 'é' is not a piece: it falls back to its two UTF-8 bytes
     assert ids[-2:] == [3 + 0xC3, 3 + 0xA9] and tok.decode(ids) == "hé"
     assert tok.bos_id == 1 and tok.eos_ids == [2]
+
+
+class _CountingTokenizer:
+    """A tokenizer that records how many ids each decode was given."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def streamed(tok, ids):
+    decoder = IncrementalDecoder(_CountingTokenizer(tok))
+    pieces = [decoder.push(i) for i in ids]
+    return pieces, decoder.flush(), max(decoder.tokenizer.sizes)
+
+
+def test_incremental_decoding_joins_to_the_whole_decode_in_short_windows(gguf_path, tmp_path):
+    tok = Tokenizer.from_gguf(gguf_path)
+    text = "Héllo wörld! 你好，世界。 Emoji: 🦙🚀 and a\nnew line, then spaces   here. " * 20
+    ids = tok.encode(text)
+    pieces, tail, widest = streamed(tok, ids)
+    assert "".join(pieces) + tail == tok.decode(ids, skip_special_tokens=True) == text
+    assert "\ufffd" not in "".join(pieces)  # a split character waits for its last byte
+    assert widest <= 8 < len(ids)  # windows, not the whole reply
+    # a reply cut inside a character: the tail shows it as the whole decode does
+    cut = ids[:next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))]
+    pieces, tail, _ = streamed(tok, cut)
+    assert "".join(pieces) + tail == tok.decode(cut, skip_special_tokens=True)
+
+    # SentencePiece drops a leading space at the start of a text, and only there
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    words = ["▁hello", "▁world", "▁", "h", "e", "l", "o", "w", "r", "d"]
+    tokens = ["<unk>", "<s>", "</s>"] + byte_tokens + words
+    write_tokenizer_gguf(tmp_path / "spm.gguf", "llama", tokens, [0.0, 0.0, 0.0] + [-100.0] * 256 + [-1.0] * 10,
+                         [2, 3, 3] + [6] * 256 + [1] * 10)
+    spm = Tokenizer.from_gguf(tmp_path / "spm.gguf")
+    ids = spm.encode("hello world hé world hello")
+    pieces, tail, _ = streamed(spm, ids)
+    assert "".join(pieces) + tail == spm.decode(ids) == "hello world hé world hello"
 
 
 def test_unknown_tokenizer_kind_is_named(tmp_path):

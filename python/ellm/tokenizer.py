@@ -318,25 +318,37 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text pieces, holding back an incomplete UTF-8 character."""
+    """Turns a growing list of ids into text pieces, holding back an incomplete UTF-8 character.
+
+    Each push decodes a short window, not the whole list (which made a token's cost grow with the
+    reply): the ids from `prefix` on, against the same ids without those not yet handed out. Both
+    start at the same id, so what a decoder does at the start of a text (SentencePiece drops a
+    leading space) happens to both alike, and their difference is the new text (the way vLLM's
+    and Hugging Face's streamers do it). Joined, the pieces are the whole list's decode."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already handed out
+        self.prefix = 0  # where the window starts
+        self.read = 0  # ids whose text has been handed out
+
+    def _new_text(self) -> tuple[str, str]:
+        """(the window's text, the part of it not handed out yet)."""
+        handed = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
+        return text, text[len(handed):]
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):
+        text, piece = self._new_text()
+        if not piece or text.endswith("\ufffd"):
             return ""
-        piece = text[self.emitted:]
-        self.emitted = len(text)
+        self.prefix, self.read = self.read, len(self.ids)
         return piece
 
     def flush(self) -> str:
         """Whatever is left, even an incomplete character (as the full decode would show it)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        piece, self.emitted = text[self.emitted:], len(text)
+        _, piece = self._new_text()
+        self.read = len(self.ids)
         return piece
