@@ -277,6 +277,9 @@ def test_penalties_and_bias_change_the_logits_as_openai_defines_them():
     np.testing.assert_allclose(out, [1.0, 2.0 - 0.5 - 0.75, 3.0, 4.0 - 0.5 - 0.25])
     np.testing.assert_allclose(apply_logit_bias(logits, {0: 100.0, 2: -100.0}), [101.0, 2.0, -97.0, 4.0])
     np.testing.assert_array_equal(logits, [1.0, 2.0, 3.0, 4.0])  # the caller's row is left alone
+    row = logits.copy()
+    assert apply_logit_bias(row, {1: -100.0}, in_place=True) is row and row[1] == -98.0
+    assert apply_penalties(row, {0: 2}, presence=1.0, frequency=0.5, in_place=True) is row and row[0] == -1.0
 
 
 def test_frequency_penalty_curbs_repetition(llm):

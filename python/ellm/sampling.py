@@ -34,23 +34,25 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int | No
     return ops.sample(logits, rng.random(len(logits)), temperature=temperature, top_p=top_p, top_k=top_k or 0)
 
 
-def apply_penalties(logits: np.ndarray, counts: dict[int, int], presence: float, frequency: float) -> np.ndarray:
+def apply_penalties(logits: np.ndarray, counts: dict[int, int], presence: float, frequency: float, *,
+                    in_place: bool = False) -> np.ndarray:
     """OpenAI's presence and frequency penalties on one row of logits: every id generated so far
-    loses `presence`, plus `frequency` per time it was generated."""
+    loses `presence`, plus `frequency` per time it was generated. A new row unless `in_place`."""
     if not counts or (presence == 0.0 and frequency == 0.0):
         return logits
     ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
     n = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
-    logits = logits.copy()
-    logits[ids] -= presence + frequency * n
-    return logits
+    out = logits if in_place else logits.copy()
+    out[ids] -= presence + frequency * n
+    return out
 
 
-def apply_logit_bias(logits: np.ndarray, bias: dict[int, float] | None) -> np.ndarray:
-    """OpenAI's logit_bias: added to the logits of the ids named (-100 bans, 100 forces)."""
+def apply_logit_bias(logits: np.ndarray, bias: dict[int, float] | None, *, in_place: bool = False) -> np.ndarray:
+    """OpenAI's logit_bias: added to the logits of the ids named (-100 bans, 100 forces). A new
+    row unless `in_place`."""
     if not bias:
         return logits
-    logits = logits.copy()
-    for token, value in bias.items():
-        logits[token] += value
-    return logits
+    out = logits if in_place else logits.copy()
+    out[np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))] += np.fromiter(bias.values(), dtype=np.float32,
+                                                                                 count=len(bias))
+    return out

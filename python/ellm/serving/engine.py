@@ -327,14 +327,11 @@ class Engine:
             p = request.params
             if p.logprobs is not None:
                 raw_logprobs[i] = log_softmax(logits[i])
-            raw = logits[i]
-            row = apply_penalties(apply_logit_bias(raw, p.logit_bias), request.counts, p.presence_penalty,
-                                  p.frequency_penalty)
+            apply_logit_bias(logits[i], p.logit_bias, in_place=True)
+            apply_penalties(logits[i], request.counts, p.presence_penalty, p.frequency_penalty, in_place=True)
             if p.repetition_penalty != 1.0:
-                row = apply_repetition_penalty(row[None], [np.array(request.prompt + request.generated)],
-                                               p.repetition_penalty)[0]
-            if row is not raw:
-                logits[i] = row
+                logits[i] = apply_repetition_penalty(logits[i][None], [np.array(request.prompt + request.generated)],
+                                                     p.repetition_penalty)[0]
             if p.temperature > 0:  # greedy rows draw nothing from their generator
                 u[i], temperature[i], top_p[i], top_k[i] = request.rng.random(), p.temperature, p.top_p, p.top_k or 0
         tokens = [int(t) for t in ops.sample(logits, u, temperature=temperature, top_p=top_p, top_k=top_k)]
