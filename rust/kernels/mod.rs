@@ -4,7 +4,6 @@ pub mod activation;
 pub mod aligned;
 pub mod attention;
 pub mod few_rows;
-pub mod huge_pages;
 pub mod math;
 pub mod matmul;
 pub mod norm;
