@@ -3,6 +3,9 @@
 every reply has 64 tokens). Prints aggregate generated tokens/s and p50/p99 time to first token,
 and the same for llama-cpp-python's server on the same file when it is installed (optional).
 
+Each server runs the whole sweep of client counts SWEEPS times over (the machine is shared and
+noisy, and a single client's figure moves most); each cell is the median of the sweeps.
+
 Bounded: ROUNDS requests per client, each with a 120 s timeout; both servers bind 127.0.0.1.
 """
 
@@ -24,6 +27,7 @@ from ellm._bundled import bundled_model_path  # noqa: E402
 
 CLIENTS = (1, 4, 8, 16)
 ROUNDS = 2
+SWEEPS = 3
 TOKENS = 64
 PROMPTS = ["Write a story about a lighthouse keeper:", "Explain how bread is made:", "Describe a city at night:",
            "List facts about the moon:", "Tell me about the ocean:", "Write a letter to a friend:"]
@@ -85,7 +89,9 @@ def measure(name: str, cmd: list[str], port: int, bias: dict) -> list[tuple]:
     proc = start(cmd, port)
     try:
         load(port, 1, bias)  # warm-up
-        return [(name, c, *load(port, c, bias)) for c in CLIENTS]
+        sweeps = [[load(port, c, bias) for c in CLIENTS] for _ in range(SWEEPS)]
+        return [(name, c, *(float(np.median([sweep[i][j] for sweep in sweeps])) for j in range(3)))
+                for i, c in enumerate(CLIENTS)]
     finally:
         proc.terminate()
         proc.wait(10)
@@ -112,7 +118,8 @@ def main() -> None:
               "benches/bench_vs_llamacpp.py says, here or in the Python ELLM_LLAMA_CPP_PYTHON names): its rows "
               "are left out")
     single = {name: tps for name, c, tps, *_ in rows if c == 1}
-    table(f"bench_serve: {TOKENS}-token streamed replies, {ROUNDS} per client, {threads} threads, loopback",
+    table(f"bench_serve: {TOKENS}-token streamed replies, {ROUNDS} per client, {threads} threads, loopback, "
+          f"median of {SWEEPS} sweeps",
           ["server", "clients", "tokens/s", "vs 1 client", "TTFT p50 ms", "TTFT p99 ms"],
           [(n, c, f"{tps:.0f}", f"{tps / single[n]:.2f}x", f"{p50 * 1000:.0f}", f"{p99 * 1000:.0f}")
            for n, c, tps, p50, p99 in rows])
