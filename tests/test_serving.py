@@ -135,13 +135,14 @@ def test_a_request_gives_the_same_text_alone_and_beside_others(llm, temperature)
     try:
         ids = llm.tokenizer.encode(PROMPT)
         assert len(ids) > 2 * 16
-        alone = text_of(engine.submit(ids, params(llm, temperature=temperature, seed=7, max_tokens=24)))
+        own = dict(temperature=temperature, top_p=0.8, top_k=50, seed=7, max_tokens=24)  # others draw without cuts
+        alone = text_of(engine.submit(ids, params(llm, **own)))
         engine.close()
         engine = engine_for(llm, chunk=16, token_budget=40)  # fresh slots: no prefix to reuse
         others = [engine.submit(llm.tokenizer.encode(t), params(llm, temperature=0.7, seed=i, max_tokens=30))
                   for i, t in enumerate(OTHERS)]
         time.sleep(0.05)  # the others are under way: this one joins at other positions
-        beside = engine.submit(ids, params(llm, temperature=temperature, seed=7, max_tokens=24))
+        beside = engine.submit(ids, params(llm, **own))
         assert text_of(beside) == alone
         assert all(text_of(o)[1] for o in others)
     finally:
