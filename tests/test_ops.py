@@ -224,6 +224,17 @@ def test_sample_draws_each_id_as_often_as_its_probability(b, temperature, top_p,
     assert (np.diff(ids[np.isin(ids, [1, 3])]) >= 0).all()  # the tie: id 1 before id 3
 
 
+@pytest.mark.parametrize("b", ["rust", "numpy"])
+def test_a_vanishing_temperature_draws_among_the_maxima(b):
+    ellm.set_backend(b)
+    try:
+        x = np.array([[1.0, 3.0, 2.0, 3.0]], np.float32)
+        for t in (1e-45, 1e-38, 1e-20):
+            assert [int(ops.sample(x, u, temperature=t)[0]) for u in (0.1, 0.9)] == [1, 3], t
+    finally:
+        ellm.set_backend("rust")
+
+
 def test_seeded_sampling_draws_once_per_row_and_never_when_greedy():
     from ellm.sampling import sample
     logits = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)

@@ -92,10 +92,12 @@ dispatch! {
     }
 }
 
-/// A logit's weight: its probability times the row's normalizer, `exp((x - max) / t)`.
+/// A logit's weight: its probability times the row's normalizer, `exp((x - max) / t)`. A
+/// temperature so small that 1/t overflows gives the limit, 1 at the maximum and 0 elsewhere
+/// (`min` turns the maximum's 0 * inf into 0).
 #[inline(always)]
 fn weight(x: f32, max: f32, inv_t: f32) -> f32 {
-    exp((x - max) * inv_t)
+    exp(((x - max) * inv_t).min(0.0))
 }
 
 dispatch! {
@@ -295,6 +297,14 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(sample_rows(&[1.0, 3.0, 3.0, 2.0], 4, &[at(0.0, 1.0, 0, 0.9)]).unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn a_vanishing_temperature_draws_among_the_maxima() {
+        for t in [1e-45, 1e-38, 1e-20] {
+            let pick = |u| sample_rows(&[1.0, 3.0, 2.0, 3.0], 4, &[at(t, 1.0, 0, u)]).unwrap()[0];
+            assert_eq!([pick(0.1), pick(0.9)], [1, 3], "temperature {t}");
+        }
     }
 
     #[test]

@@ -115,7 +115,8 @@ def quantize(x: np.ndarray, bits: int, min_val: float, max_val: float) -> np.nda
 def sample(logits: np.ndarray, u: np.ndarray, temperature: np.ndarray, top_p: np.ndarray,
            top_k: np.ndarray) -> np.ndarray:
     """One id per row of `logits` `[rows, vocab]`. Temperature <= 0 is greedy (the first maximum).
-    Otherwise the probabilities are softmax(logits / temperature); top_k > 0 keeps the k most
+    Otherwise the probabilities are softmax(logits / temperature), as exp((x - max) / t) over their
+    sum (so a vanishing temperature draws among the maxima); top_k > 0 keeps the k most
     likely ids and top_p < 1 the smallest most-likely-first prefix whose probability reaches top_p
     (Meta's sample_top_p; ties order by id); the id drawn is where the running sum of what is kept
     first exceeds `u` times its total."""
@@ -129,8 +130,7 @@ def sample(logits: np.ndarray, u: np.ndarray, temperature: np.ndarray, top_p: np
         if temperature[r] <= 0:
             out[r] = np.argmax(x)
             continue
-        t = F32(temperature[r])
-        p = np.exp((x / t).astype(np.float64) - float(m / t))
+        p = np.exp((x.astype(np.float64) - float(m)) / float(F32(temperature[r])))
         p /= p.sum()
         if top_p[r] >= 1.0 and not top_k[r]:
             out[r] = _invert_running_sum(p, u[r])
