@@ -53,6 +53,6 @@ def apply_logit_bias(logits: np.ndarray, bias: dict[int, float] | None, *, in_pl
     if not bias:
         return logits
     out = logits if in_place else logits.copy()
-    out[np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))] += np.fromiter(bias.values(), dtype=np.float32,
-                                                                                 count=len(bias))
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    out[ids] += np.fromiter(bias.values(), dtype=out.dtype, count=len(bias))
     return out
