@@ -325,6 +325,7 @@ pub fn group_bytes(kind: QuantKind, cols: usize) -> usize {
 }
 
 /// Which weights a kernel call over one group asks the memory for ahead of its loads.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prefetch {
     /// Its own sub-blocks a fixed distance ahead (running on into the next group's first): a
@@ -339,6 +340,7 @@ pub enum Prefetch {
 }
 
 /// How far ahead of the sub-block being multiplied `Prefetch::Ahead` asks.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 2048;
 
 /// One kernel call's prefetching over its group, told of each sub-block as the call reaches it.
