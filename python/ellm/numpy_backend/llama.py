@@ -196,9 +196,9 @@ class NumpyLlama:
             self.cache_v[i, slot, :, pos:last] = v[first:end].transpose(1, 0, 2)
             self.filled[slot] = max(self.filled[slot], last)
             context[first:end] = K.attention(
-                q[first:end], self.cache_k[i, slot, :, :last].transpose(1, 0, 2).astype(np.float32),
-                self.cache_v[i, slot, :, :last].transpose(1, 0, 2).astype(np.float32), True, pos, 1.0 / np.sqrt(d),
-                self.windows[i],
+                q[first:end], self.cache_k[i, slot, :, :last].transpose(1, 0, 2).astype(np.float32, copy=False),
+                self.cache_v[i, slot, :, :last].transpose(1, 0, 2).astype(np.float32, copy=False), True, pos,
+                1.0 / np.sqrt(d), self.windows[i],
             ).reshape(end - first, -1)
         emit(n(H.ATTENTION_CONTEXT), layer, context, (a.q_dim(),))
         attn_out = K.linear(context, w("self_attn.o_proj.weight"), bias("self_attn.o_proj.bias"))
