@@ -195,13 +195,16 @@ def test_two_replicas_behind_one_endpoint_both_serve(cluster, gguf_path):
         wait_healthy(url, proc, seconds=120)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         replies = [None] * 4
-        # end of text banned, so every reply runs its 24 tokens and the 4 overlap: a reply that ended
-        # early could free its replica's slot before the next request came, and all 4 go to one
+        # The 4 must overlap, or a replica that finished its two could take the next two as well. So
+        # they are sent together, end of text is banned and every reply runs its 64 tokens: with 24,
+        # the engine once finished two before the others reached Ray's router.
         endless = {str(t): -100 for t in ellm.Tokenizer.from_gguf(gguf_path).eos_ids}
+        together = threading.Barrier(4)
 
         def ask(i):
+            together.wait(60)
             replies[i] = client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": f"Count from {i} to {i + 20}."}], max_tokens=24,
+                model="m", messages=[{"role": "user", "content": f"Count from {i} to {i + 20}."}], max_tokens=64,
                 temperature=0, logit_bias=endless)
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
