@@ -178,8 +178,11 @@ def test_ctrl_c_stops_a_long_prefill_promptly_and_the_model_still_works():
         m.forward(ids)
     stopped = time.perf_counter()
     timer.join()
-    # the step looks between layers; a layer of a 2000-token prefill takes about 0.2 s here
-    assert fired and stopped - fired[0] < 1.0
+    # Rust looks between layers; a layer of a 2000-token prefill takes about 0.05 s here. Python
+    # sees the signal between NumPy calls, and one call (attention scores, softmax) of this
+    # prefill took 0.1-0.7 s on this shared machine, against 10-19 s for the whole forward.
+    bound = 1.0 if ellm.get_backend() == "rust" else 3.0
+    assert fired and stopped - fired[0] < bound
     np.testing.assert_array_equal(m.forward([ids[0][:5]]), short)
 
 
