@@ -24,7 +24,9 @@ pub struct Sampling {
 }
 
 /// Weights summed as one block while looking for the draw.
-const BLOCK: usize = 64;
+const BLOCK: usize = 256;
+/// Logits a vector pass takes at a time (one AVX-512 register of f32).
+const LANES: usize = 16;
 /// Above this many candidates, the k-th weight is found by selection instead of a sorted buffer.
 const BUFFERED_K: usize = 256;
 
@@ -71,24 +73,36 @@ fn sample_row(row: &[f32], s: &Sampling, weights: &mut Vec<f32>) -> std::result:
 }
 
 dispatch! {
-    /// The largest logit and its first index; NaN if any logit is NaN.
+    /// The largest logit and its first index; NaN if any logit is NaN. Each of 16 lanes keeps
+    /// its largest value and where it first saw it, so one pass finds both.
     fn max_of(row: &[f32]) -> (f32, usize) {
-        let mut lanes = [f32::NEG_INFINITY; 16];
-        let mut nan = false;
-        let mut chunks = row.chunks_exact(16);
-        for c in &mut chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l = if v > *l { v } else { *l };
-                nan |= v.is_nan();
+        let mut best = [f32::NEG_INFINITY; LANES];
+        let mut first = [0u32; LANES];
+        let mut nan = [false; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for (i, c) in (&mut chunks).enumerate() {
+            for (((b, f), n), &v) in best.iter_mut().zip(&mut first).zip(&mut nan).zip(c) {
+                *n |= v.is_nan();
+                if v > *b {
+                    *b = v;
+                    *f = i as u32;
+                }
             }
         }
         let rest = chunks.remainder();
-        nan |= rest.iter().any(|v| v.is_nan());
-        if nan {
+        if nan.iter().any(|&n| n) || rest.iter().any(|v| v.is_nan()) {
             return (f32::NAN, 0);
         }
-        let max = lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        (max, row.iter().position(|&v| v == max).unwrap_or(0))
+        let lanes = (0..LANES).map(|j| (best[j], first[j] as usize * LANES + j));
+        let tail = rest.iter().enumerate().map(|(t, &v)| (v, row.len() - rest.len() + t));
+        // the largest value, and of its places the first (ties in different lanes: the lowest index)
+        lanes.chain(tail).fold((f32::NEG_INFINITY, 0), |(m, at), (v, i)| {
+            if v > m || (v == m && i < at) {
+                (v, i)
+            } else {
+                (m, at)
+            }
+        })
     }
 }
 
@@ -122,18 +136,31 @@ dispatch! {
     fn block_sums(row: &[f32], max: f32, inv_t: f32, sums: &mut [f32]) -> f64 {
         let mut total = 0.0f64;
         for (sum, block) in sums.iter_mut().zip(row.chunks(BLOCK)) {
-            let mut lanes = [0.0f32; 16];
-            let mut chunks = block.chunks_exact(16);
+            let mut lanes = [0.0f32; LANES];
+            let mut chunks = block.chunks_exact(LANES);
             for c in &mut chunks {
                 for (l, &x) in lanes.iter_mut().zip(c) {
                     *l += weight(x, max, inv_t);
                 }
             }
-            *sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&x| weight(x, max, inv_t)).sum::<f32>();
+            *sum = pairwise_sum(lanes) + chunks.remainder().iter().map(|&x| weight(x, max, inv_t)).sum::<f32>();
             total += *sum as f64;
         }
         total
     }
+}
+
+/// The lanes summed in halves (a few vector adds, where one by one would be 15 dependent adds).
+#[inline(always)]
+fn pairwise_sum(mut lanes: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for j in 0..width {
+            lanes[j] += lanes[j + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
 }
 
 /// The first logit whose running sum of weights exceeds `target` (a weight of 0 is never
@@ -297,6 +324,24 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(sample_rows(&[1.0, 3.0, 3.0, 2.0], 4, &[at(0.0, 1.0, 0, 0.9)]).unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn the_first_maximum_is_found_across_lanes_and_the_tail() {
+        // 1000 = 62 chunks of 16 and a tail of 8; maxima in different lanes, chunks and the tail
+        for (places, first) in [(vec![700, 37, 500, 995], 37), (vec![996, 999], 996), (vec![48, 33], 33), (vec![0], 0)]
+        {
+            let mut logits = row(1000, 11);
+            for &p in &places {
+                logits[p] = 9.0;
+            }
+            assert_eq!(max_of(&logits), (9.0, first), "maxima at {places:?}");
+        }
+        for nan_at in [5, 500, 998] {
+            let mut logits = row(1000, 11);
+            logits[nan_at] = f32::NAN;
+            assert!(max_of(&logits).0.is_nan(), "NaN at {nan_at}");
+        }
     }
 
     #[test]
