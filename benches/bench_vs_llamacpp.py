@@ -3,7 +3,8 @@
 Files: the bundled SmolLM2-135M-Instruct Q4_1, and Q4_0, Q8_0 and Q4_K_M made from it by
 llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`, allow_requantize), cached in
 `benches/.models/`. Each measurement runs in a fresh process (so load time and peak RSS are a
-cold model's), ellm and llama.cpp taking turns; the table shows the median of the rounds.
+cold model's), ellm and llama.cpp taking turns; the table shows the median of the rounds. Load
+takes LOAD_SAMPLES processes a round (one alone moved 30% between runs here).
 
 llama.cpp comes from llama-cpp-python compiled from source for this CPU without a native build
 (AVX-512/VNNI on and AMX off where the CPU has AVX-512; AVX2/FMA/F16C on a CPU without it):
@@ -48,6 +49,7 @@ CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_A
 THREADS = 2
 PROMPT = 128
 DECODE_STEPS = 64
+LOAD_SAMPLES = 5  # fresh processes per round, engine and file, that time the load (one also the rest)
 # llama.cpp's file types (llama_ftype) for the files made from the bundled one
 FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}
 
@@ -83,6 +85,8 @@ def worker(engine: str, path: str, task: str) -> dict:
         model.forward([[1]])
         out = {"load": time.perf_counter() - t, "rss": (rss_kb("VmHWM") - before) * 1024}
         out["weight_bytes"] = sum(model._engine.weight_bytes())
+        if task == "load":
+            return out
 
         def prefill(n):
             ids = np.array([tokens[:n]], dtype=np.int64)
@@ -99,6 +103,8 @@ def worker(engine: str, path: str, task: str) -> dict:
                               verbose=False)
         llm.eval([1])
         out = {"load": time.perf_counter() - t, "rss": (rss_kb("VmHWM") - before) * 1024}
+        if task == "load":
+            return out
 
         def prefill(n):
             llm.reset()
@@ -204,11 +210,15 @@ def main() -> None:
         return
     files = make_files(python, bundled_model_path())
     results: dict[tuple[str, str], list[dict]] = {}
+    loads: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
         for name, path in files.items():
-            for engine, exe in (("ellm", sys.executable), ("llama.cpp", python)):
-                results.setdefault((name, engine), []).append(run(exe, "ellm" if engine == "ellm" else "llama",
-                                                                  path, "model"))
+            for sample in range(LOAD_SAMPLES):
+                for engine, exe in (("ellm", sys.executable), ("llama.cpp", python)):
+                    out = run(exe, "ellm" if engine == "ellm" else "llama", path, "model" if sample == 0 else "load")
+                    if sample == 0:
+                        results.setdefault((name, engine), []).append(out)
+                    loads.setdefault((name, engine), []).append(out["load"])
     chat = statistics.median(run(sys.executable, "ellm", "", "chat")["seconds"] for _ in range(args.rounds))
 
     def med(name, engine, key):
@@ -218,15 +228,17 @@ def main() -> None:
     for name, path in files.items():
         size = os.path.getsize(path)
         bandwidth = read_pass_gbs(path)
-        e = {k: med(name, "ellm", k) for k in ("decode", "prefill128", "prefill512", "load", "rss")}
-        c = {k: med(name, "llama.cpp", k) for k in ("decode", "prefill128", "prefill512", "load", "rss")}
+        e = {k: med(name, "ellm", k) for k in ("decode", "prefill128", "prefill512", "rss")}
+        c = {k: med(name, "llama.cpp", k) for k in ("decode", "prefill128", "prefill512", "rss")}
+        e["load"], c["load"] = (statistics.median(loads[(name, engine)]) for engine in ("ellm", "llama.cpp"))
         weights = med(name, "ellm", "weight_bytes")
         rows.append((name, e, c, size, weights, bandwidth))
     import ellm
 
     simd = "AVX-512" if "avx512f" in cpu_flags() else "AVX2" if "avx2" in cpu_flags() else "no AVX2"
     print(f"ellm vs llama.cpp, {THREADS} threads, median of {args.rounds} rounds run alternately "
-          f"(decode after a {PROMPT}-token prompt); {simd} CPU, ellm's quantized kernels: "
+          f"(decode after a {PROMPT}-token prompt; load of {args.rounds * LOAD_SAMPLES} processes each); "
+          f"{simd} CPU, ellm's quantized kernels: "
           f"{ellm._backend.require_rust().quant_path()}")
     head = (f"{'file':7} {'decode tok/s':>22} {'prefill128 tok/s':>22} {'prefill512 tok/s':>22} "
             f"{'load to logits s':>22} {'peak RSS / file':>17} {'weights GB/s (read)':>20}")
