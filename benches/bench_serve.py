@@ -27,7 +27,7 @@ from ellm._bundled import bundled_model_path  # noqa: E402
 
 CLIENTS = (1, 4, 8, 16)
 ROUNDS = 2
-SWEEPS = 3
+SWEEPS = 5
 TOKENS = 64
 PROMPTS = ["Write a story about a lighthouse keeper:", "Explain how bread is made:", "Describe a city at night:",
            "List facts about the moon:", "Tell me about the ocean:", "Write a letter to a friend:"]
