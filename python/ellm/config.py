@@ -69,8 +69,8 @@ def config_rules() -> dict:
         return json.load(fh)
 
 
-# what a KV cache can hold
-KV_CACHE_DTYPES = ("f32", "f16")
+# what a KV cache can hold, and the bytes of each value
+KV_CACHE_DTYPES = {"f32": 4, "f16": 2}
 
 @dataclass
 class ModelArgs:

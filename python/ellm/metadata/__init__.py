@@ -33,17 +33,15 @@ class MetadataConfig:
     kv_cache_dtype: str | None = None
 
 
-KV_VALUE_BYTES = {"f32": 4, "f16": 2}
-
-
 def _kv_cache_dtype(config: MetadataConfig) -> str:
+    from ..config import KV_CACHE_DTYPES
     from ..model import Transformer
 
     dtype = config.kv_cache_dtype
     if dtype is None:
         return config.model_path.model_args.kv_cache_dtype if isinstance(config.model_path, Transformer) else "f32"
-    if dtype not in KV_VALUE_BYTES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_VALUE_BYTES))}, got {dtype!r}")
+    if dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {dtype!r}")
     return dtype
 
 
@@ -79,6 +77,8 @@ class MetadataGenerator:
         if config.batch_size <= 0 or config.sequence_length <= 0:
             raise ValueError(f"batch_size and sequence_length must be positive, got {config.batch_size}, "
                              f"{config.sequence_length}")
+        from ..config import KV_CACHE_DTYPES
+
         kv_dtype = _kv_cache_dtype(config)
         headers, fmt = _headers(config.model_path)
         if not headers:
@@ -92,7 +92,7 @@ class MetadataGenerator:
                 name=h.name, shape=list(h.shape), num_params=n,
                 compute_required=compute_required(n, kind, config.batch_size, config.sequence_length, model_type),
                 layer_type=kind, dtype=h.dtype, block=block_of(h.name), weight_bytes=h.nbytes))
-        blocks = count_blocks(headers, config.batch_size, config.sequence_length, KV_VALUE_BYTES[kv_dtype])
+        blocks = count_blocks(headers, config.batch_size, config.sequence_length, KV_CACHE_DTYPES[kv_dtype])
         return ModelMetadata(
             model_name=config.model_name, model_type=model_type, batch_size=config.batch_size,
             sequence_length=config.sequence_length, layers=layers,
