@@ -85,8 +85,6 @@ def worker(engine: str, path: str, task: str) -> dict:
         model.forward([[1]])
         out = {"load": time.perf_counter() - t, "rss": (rss_kb("VmHWM") - before) * 1024}
         out["weight_bytes"] = sum(model._engine.weight_bytes())
-        if task == "load":
-            return out
 
         def prefill(n):
             ids = np.array([tokens[:n]], dtype=np.int64)
@@ -103,8 +101,6 @@ def worker(engine: str, path: str, task: str) -> dict:
                               verbose=False)
         llm.eval([1])
         out = {"load": time.perf_counter() - t, "rss": (rss_kb("VmHWM") - before) * 1024}
-        if task == "load":
-            return out
 
         def prefill(n):
             llm.reset()
@@ -112,6 +108,8 @@ def worker(engine: str, path: str, task: str) -> dict:
 
         def step(tok, pos):
             llm.eval([tok])
+    if task == "load":
+        return out
     for n in (128, 512):
         prefill(n)  # warm
         best = min(timed(lambda: prefill(n)) for _ in range(3))
