@@ -4,7 +4,9 @@ every reply has 64 tokens). Prints aggregate generated tokens/s and p50/p99 time
 and the same for llama-cpp-python's server on the same file when it is installed (optional).
 
 Each server runs the whole sweep of client counts SWEEPS times over (the machine is shared and
-noisy, and a single client's figure moves most); each cell is the median of the sweeps.
+noisy, and a single client's figure moves most); each cell is the median of the sweeps. The host's
+speed drifts over a run, so "vs 1 client" is the median of each sweep's own ratio, its figure over
+the single client's of the same sweep, seconds apart; the ratio of the medians is printed below.
 
 Bounded: ROUNDS requests per client, each with a 120 s timeout; both servers bind 127.0.0.1.
 """
@@ -90,7 +92,9 @@ def measure(name: str, cmd: list[str], port: int, bias: dict) -> list[tuple]:
     try:
         load(port, 1, bias)  # warm-up
         sweeps = [[load(port, c, bias) for c in CLIENTS] for _ in range(SWEEPS)]
-        return [(name, c, *(float(np.median([sweep[i][j] for sweep in sweeps])) for j in range(3)))
+        return [(name, c, float(np.median([sweep[i][0] for sweep in sweeps])),
+                 float(np.median([sweep[i][0] / sweep[0][0] for sweep in sweeps])),
+                 *(float(np.median([sweep[i][j] for sweep in sweeps])) for j in (1, 2)))
                 for i, c in enumerate(CLIENTS)]
     finally:
         proc.terminate()
@@ -117,12 +121,15 @@ def main() -> None:
         print("llama-cpp-python's server is not installed (pip install 'llama-cpp-python[server]', built as "
               "benches/bench_vs_llamacpp.py says, here or in the Python ELLM_LLAMA_CPP_PYTHON names): its rows "
               "are left out")
-    single = {name: tps for name, c, tps, *_ in rows if c == 1}
+    single = {name: tps for name, c, tps, *_ in rows if c == 1}  # CLIENTS[0] == 1
     table(f"bench_serve: {TOKENS}-token streamed replies, {ROUNDS} per client, {threads} threads, loopback, "
           f"median of {SWEEPS} sweeps",
           ["server", "clients", "tokens/s", "vs 1 client", "TTFT p50 ms", "TTFT p99 ms"],
-          [(n, c, f"{tps:.0f}", f"{tps / single[n]:.2f}x", f"{p50 * 1000:.0f}", f"{p99 * 1000:.0f}")
-           for n, c, tps, p50, p99 in rows])
+          [(n, c, f"{tps:.0f}", f"{scaling:.2f}x", f"{p50 * 1000:.0f}", f"{p99 * 1000:.0f}")
+           for n, c, tps, scaling, p50, p99 in rows])
+    for name in single:
+        print(f"{name}, ratio of the medians: " + ", ".join(f"{c} clients {tps / single[name]:.2f}x"
+                                                            for n, c, tps, *_ in rows if n == name and c > 1))
     if "llama-cpp-python" in single:
         ours = {c: tps for n, c, tps, *_ in rows if n == "ellm"}
         theirs = {c: tps for n, c, tps, *_ in rows if n != "ellm"}
