@@ -80,6 +80,12 @@ pub trait Element: Copy + Send + Sync {
     /// `p..p + 8` is readable and the CPU has AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen elements from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p..p + 16` is readable and the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Element for f32 {
@@ -91,6 +97,11 @@ impl Element for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -104,6 +115,12 @@ impl Element for half::f16 {
     unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
     }
 }
 
@@ -175,28 +192,65 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
     let group = shape.n_heads / shape.n_kv_heads;
     assert_eq!(q.len(), shape.q_len * shape.n_heads * d);
     assert_eq!(out.len(), q.len());
+    // Query heads that share a key/value head go together (`heads` of them a task) where a kernel
+    // for that many exists: each key and value is then read once for all of them.
+    let heads = [4, 3, 2].into_iter().find(|&g| group.is_multiple_of(g) && grouped_kernel(d)).unwrap_or(1);
     pool::install(|| {
-        out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
-            let (i, h) = (idx / shape.n_heads, idx % shape.n_heads);
+        out.par_chunks_mut(heads * d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+            let (i, h) = (idx * heads / shape.n_heads, idx * heads % shape.n_heads);
             let keys = shape.visible(i);
             scores.clear();
-            scores.resize(keys.len(), 0.0);
-            let (g, first, qv) = (h / group, keys.start, &q[idx * d..(idx + 1) * d]);
+            scores.resize(heads * keys.len(), 0.0);
+            let (g, first, qv) = (h / group, keys.start, &q[(i * shape.n_heads + h) * d..][..heads * d]);
             let (rk, hk, rv, hv) = (k.row_stride, k.head_stride, v.row_stride, v.head_stride);
             match (k.data, v.data) {
                 (KvData::F32(kd), KvData::F32(vd)) => {
                     let (kg, vg) = (KvView::head_as(kd, rk, hk, g, first), KvView::head_as(vd, rv, hv, g, first));
-                    attend_one(qv, kg, vg, shape.scale, scores, o)
+                    attend_heads(heads, qv, kg, vg, shape.scale, scores, o)
                 }
                 (KvData::F16(kd), KvData::F16(vd)) => {
                     let (kg, vg) = (KvView::head_as(kd, rk, hk, g, first), KvView::head_as(vd, rv, hv, g, first));
-                    attend_one(qv, kg, vg, shape.scale, scores, o)
+                    attend_heads(heads, qv, kg, vg, shape.scale, scores, o)
                 }
                 _ => unreachable!("keys and values of one cache share an element type"),
             }
         })
     });
     Ok(())
+}
+
+/// Whether `attend_heads` has a kernel for several heads at once, for heads of `d` values.
+fn grouped_kernel(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(16) && crate::kernels::simd::has_avx512() {
+        return true;
+    }
+    let _ = d;
+    false
+}
+
+/// `heads` consecutive query heads (`qs`, `[heads, d]`) that share the key/value head `k`, `v`:
+/// scores `[heads, keys]` and outputs `[heads, d]`. More than one head needs `grouped_kernel`.
+fn attend_heads<T: Element>(
+    heads: usize,
+    qs: &[f32],
+    k: HeadView<'_, T>,
+    v: HeadView<'_, T>,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    // SAFETY (the arms of more than one head): `grouped_kernel` found AVX-512F/VL.
+    match heads {
+        1 => attend_one(qs, k, v, scale, scores, out),
+        #[cfg(target_arch = "x86_64")]
+        2 => unsafe { avx512::attend_group::<T, 2>(qs, k, v, scale, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        3 => unsafe { avx512::attend_group::<T, 3>(qs, k, v, scale, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        4 => unsafe { avx512::attend_group::<T, 4>(qs, k, v, scale, scores, out) },
+        _ => unreachable!("no kernel for {heads} heads at once"),
+    }
 }
 
 /// One query against one head's keys and values (`scores.len()` of them, from the views' first
@@ -322,6 +376,115 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Element, HeadView};
+    use crate::kernels::softmax::softmax_in_place;
+
+    /// `attend_one` for `G` query heads that share one key/value head (grouped-query attention),
+    /// heads of a multiple of 16 values: each key and value vector is loaded, and widened from
+    /// f16, once for all `G` instead of once per head. `qs` and `out` are `[G, d]`, `scores`
+    /// `[G, n]` for the `n` keys.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn attend_group<T: Element, const G: usize>(
+        qs: &[f32],
+        k: HeadView<'_, T>,
+        v: HeadView<'_, T>,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (d, n) = (qs.len() / G, scores.len() / G);
+        assert!(d.is_multiple_of(16) && qs.len() == G * d && out.len() == G * d && scores.len() == G * n);
+        if n == 0 {
+            out.fill(0.0);
+            return;
+        }
+        assert!(k.data.len() >= (n - 1) * k.stride + d && v.data.len() >= (n - 1) * v.stride + d);
+        let (q, keys) = (qs.as_ptr(), k.data.as_ptr());
+        // a score's 16 lanes added down to 8; then four keys' at once with two horizontal adds
+        let halves = |a: __m512| {
+            _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))))
+        };
+        let mut t = 0;
+        while t + 4 <= n {
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            for c in (0..d).step_by(16) {
+                let key: [__m512; 4] = std::array::from_fn(|j| T::load16(keys.add((t + j) * k.stride + c)));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let qc = _mm512_loadu_ps(q.add(g * d + c));
+                    for (a, &kj) in acc.iter_mut().zip(&key) {
+                        *a = _mm512_fmadd_ps(qc, kj, *a);
+                    }
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                let [a0, a1, a2, a3] = acc.map(halves);
+                let s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+                _mm_storeu_ps(scores.as_mut_ptr().add(g * n + t), _mm_mul_ps(s, _mm_set1_ps(scale)));
+            }
+            t += 4;
+        }
+        for t in t..n {
+            let mut acc = [_mm512_setzero_ps(); G];
+            for c in (0..d).step_by(16) {
+                let key = T::load16(keys.add(t * k.stride + c));
+                for (g, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(g * d + c)), key, *a);
+                }
+            }
+            for (g, a) in acc.iter().enumerate() {
+                scores[g * n + t] = _mm512_reduce_add_ps(*a) * scale;
+            }
+        }
+        for row in scores.chunks_exact_mut(n) {
+            softmax_in_place(row);
+        }
+        let mut c = 0;
+        while c + 64 <= d {
+            weighted_sums::<T, G, 4>(scores, v, c, d, out);
+            c += 64;
+        }
+        while c < d {
+            weighted_sums::<T, G, 1>(scores, v, c, d, out);
+            c += 16;
+        }
+    }
+
+    /// `out[g][c..c + 16W] = sum over t of p[g][t] * v[t][c..c + 16W]` for every head g, the sums
+    /// in G x W registers.
+    #[inline(always)]
+    unsafe fn weighted_sums<T: Element, const G: usize, const W: usize>(
+        p: &[f32],
+        v: HeadView<'_, T>,
+        c: usize,
+        d: usize,
+        out: &mut [f32],
+    ) {
+        let n = p.len() / G;
+        let mut acc = [[_mm512_setzero_ps(); W]; G];
+        let values = v.data.as_ptr().add(c);
+        for t in 0..n {
+            let row = values.add(t * v.stride);
+            let vals: [__m512; W] = std::array::from_fn(|w| T::load16(row.add(16 * w)));
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let pt = _mm512_set1_ps(*p.get_unchecked(g * n + t));
+                for (a, &x) in acc.iter_mut().zip(&vals) {
+                    *a = _mm512_fmadd_ps(pt, x, *a);
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            for (w, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(g * d + c + 16 * w), *a);
+            }
+        }
+    }
+}
+
 /// Queries per task of `attention_by_heads`.
 const QUERY_CHUNK: usize = 64;
 
@@ -432,14 +595,15 @@ mod tests {
 
     #[test]
     fn gemm_path_matches_query_by_query() {
-        for sq in [20, 150] {
-            gemm_path_matches_query_by_query_for(sq);
+        // d = 16: with AVX-512, each query's three heads of a key/value head go as one task
+        for (sq, d) in [(20, 8), (150, 8), (20, 16)] {
+            gemm_path_matches_query_by_query_for(sq, d);
         }
     }
 
     /// `sq` queries: 20 are one chunk of the GEMM path, 150 three (the last one short).
-    fn gemm_path_matches_query_by_query_for(sq: usize) {
-        let (start, nh, nkv, d) = (5, 6, 2, 8);
+    fn gemm_path_matches_query_by_query_for(sq: usize, d: usize) {
+        let (start, nh, nkv) = (5, 6, 2);
         let sk = start + sq;
         let vals = |n: usize, salt: f32| (0..n).map(|i| ((i as f32 + salt) * 0.37).sin()).collect::<Vec<f32>>();
         let (q, k, v) = (vals(sq * nh * d, 1.0), vals(sk * nkv * d, 2.0), vals(sk * nkv * d, 3.0));
@@ -560,6 +724,41 @@ mod tests {
                     unsafe { avx2::attend_one(&q, kv, vv, 0.125, &mut s2, &mut o2) };
                     for (a, b) in s1.iter().zip(&s2).chain(o1.iter().zip(&o2)) {
                         assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "d {d} stride {stride} n {n}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore = "needs AVX-512F/VL: make test runs it where /proc/cpuinfo lists them"]
+    fn avx512_grouped_heads_match_the_portable_kernel_head_by_head() {
+        assert!(crate::kernels::simd::has_avx512(), "this CPU has no AVX-512F/VL: the test cannot run here");
+        fn check<T: Element>(heads: usize, d: usize, n: usize, stride: usize, widen: impl Fn(&[f32]) -> Vec<T>) {
+            let vals =
+                |n: usize, salt: f32| (0..n).map(|i| ((i as f32 + salt) * 0.61).sin() * 2.0).collect::<Vec<f32>>();
+            let (q, k, v) = (vals(heads * d, 0.5), widen(&vals(n * stride, 1.5)), widen(&vals(n * stride, 2.5)));
+            let (kv, vv) = (HeadView { data: &k[..], stride }, HeadView { data: &v[..], stride });
+            let (mut s1, mut s2) = (vec![0.0; heads * n], vec![0.0; heads * n]);
+            let (mut o1, mut o2) = (vec![f32::NAN; heads * d], vec![f32::NAN; heads * d]);
+            for h in 0..heads {
+                let (s, o) = (&mut s1[h * n..(h + 1) * n], &mut o1[h * d..(h + 1) * d]);
+                attend_one_portable(&q[h * d..(h + 1) * d], kv, vv, 0.125, s, o);
+            }
+            attend_heads(heads, &q, kv, vv, 0.125, &mut s2, &mut o2);
+            for (a, b) in s1.iter().zip(&s2).chain(o1.iter().zip(&o2)) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{heads} heads, d {d}, n {n}: {a} vs {b}");
+            }
+        }
+        for heads in [2, 3, 4] {
+            for d in [16, 64, 80, 128] {
+                for n in [1, 2, 3, 4, 5, 7, 8, 33, 200] {
+                    for stride in [d, 3 * d + 16] {
+                        check::<f32>(heads, d, n, stride, |x| x.to_vec());
+                        check::<half::f16>(heads, d, n, stride, |x| {
+                            x.iter().map(|&v| half::f16::from_f32(v)).collect()
+                        });
                     }
                 }
             }
