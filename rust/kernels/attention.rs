@@ -229,8 +229,10 @@ fn grouped_kernel(d: usize) -> bool {
     false
 }
 
-/// `heads` consecutive query heads (`qs`, `[heads, d]`) that share the key/value head `k`, `v`:
-/// scores `[heads, keys]` and outputs `[heads, d]`. More than one head needs `grouped_kernel`.
+/// `heads` consecutive query heads (`qs`, `[heads, d]`) that share the key/value head `k`, `v`,
+/// against its `scores.len() / heads` vectors from the views' first position: the scores
+/// (`[heads, keys]`), their softmax, and the weighted sums of the values into `out` (`[heads,
+/// d]`). More than one head needs `grouped_kernel`.
 fn attend_heads<T: Element>(
     heads: usize,
     qs: &[f32],
@@ -242,33 +244,25 @@ fn attend_heads<T: Element>(
 ) {
     // SAFETY (the arms of more than one head): `grouped_kernel` found AVX-512F/VL.
     match heads {
-        1 => attend_one(qs, k, v, scale, scores, out),
         #[cfg(target_arch = "x86_64")]
         2 => unsafe { avx512::attend_group::<T, 2>(qs, k, v, scale, scores, out) },
         #[cfg(target_arch = "x86_64")]
         3 => unsafe { avx512::attend_group::<T, 3>(qs, k, v, scale, scores, out) },
         #[cfg(target_arch = "x86_64")]
         4 => unsafe { avx512::attend_group::<T, 4>(qs, k, v, scale, scores, out) },
+        1 => {
+            #[cfg(target_arch = "x86_64")]
+            if qs.len().is_multiple_of(8)
+                && crate::kernels::simd::has_avx2_fma()
+                && std::is_x86_feature_detected!("f16c")
+            {
+                // SAFETY: the CPU has AVX2, FMA and F16C.
+                return unsafe { avx2::attend_one(qs, k, v, scale, scores, out) };
+            }
+            attend_one_portable(qs, k, v, scale, scores, out)
+        }
         _ => unreachable!("no kernel for {heads} heads at once"),
     }
-}
-
-/// One query against one head's keys and values (`scores.len()` of them, from the views' first
-/// position): the scores, their softmax, and the weighted sum of the values into `o`.
-fn attend_one<T: Element>(
-    qv: &[f32],
-    k: HeadView<'_, T>,
-    v: HeadView<'_, T>,
-    scale: f32,
-    scores: &mut [f32],
-    o: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if qv.len().is_multiple_of(8) && crate::kernels::simd::has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
-        // SAFETY: the CPU has AVX2, FMA and F16C.
-        return unsafe { avx2::attend_one(qv, k, v, scale, scores, o) };
-    }
-    attend_one_portable(qv, k, v, scale, scores, o)
 }
 
 fn attend_one_portable<T: Element>(
@@ -303,7 +297,7 @@ mod avx2 {
     use super::{Element, HeadView};
     use crate::kernels::softmax::softmax_in_place;
 
-    /// `attend_one` for heads of a multiple of 8 values. A key's score is a chain of dependent
+    /// `attend_heads` for one head of a multiple of 8 values. A key's score is a chain of dependent
     /// multiply-adds, so keys go four at a time, each in its own accumulator; the weighted sum
     /// keeps 64 columns of the output in registers while it walks the values.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -383,7 +377,7 @@ mod avx512 {
     use super::{Element, HeadView};
     use crate::kernels::softmax::softmax_in_place;
 
-    /// `attend_one` for `G` query heads that share one key/value head (grouped-query attention),
+    /// `attend_heads` for `G` query heads that share one key/value head (grouped-query attention),
     /// heads of a multiple of 16 values: each key and value vector is loaded, and widened from
     /// f16, once for all `G` instead of once per head. `qs` and `out` are `[G, d]`, `scores`
     /// `[G, n]` for the `n` keys.
