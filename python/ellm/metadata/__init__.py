@@ -33,16 +33,17 @@ class MetadataConfig:
     kv_cache_dtype: str | None = None
 
 
-def _kv_cache_dtype(config: MetadataConfig) -> str:
+def _kv_cache(config: MetadataConfig) -> tuple[str, int]:
+    """The KV cache's dtype, and the bytes of one of its values."""
     from ..config import KV_CACHE_DTYPES
     from ..model import Transformer
 
     dtype = config.kv_cache_dtype
     if dtype is None:
-        return config.model_path.model_args.kv_cache_dtype if isinstance(config.model_path, Transformer) else "f32"
-    if dtype not in KV_CACHE_DTYPES:
+        dtype = config.model_path.model_args.kv_cache_dtype if isinstance(config.model_path, Transformer) else "f32"
+    elif dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {dtype!r}")
-    return dtype
+    return dtype, KV_CACHE_DTYPES[dtype]
 
 
 def compute_required(num_params: int, kind: str, batch_size: int, sequence_length: int, model_type: str) -> float:
@@ -77,9 +78,7 @@ class MetadataGenerator:
         if config.batch_size <= 0 or config.sequence_length <= 0:
             raise ValueError(f"batch_size and sequence_length must be positive, got {config.batch_size}, "
                              f"{config.sequence_length}")
-        from ..config import KV_CACHE_DTYPES
-
-        kv_dtype = _kv_cache_dtype(config)
+        kv_dtype, kv_bytes = _kv_cache(config)
         headers, fmt = _headers(config.model_path)
         if not headers:
             raise ValueError(f"{config.model_path!r} holds no tensors")
@@ -92,7 +91,7 @@ class MetadataGenerator:
                 name=h.name, shape=list(h.shape), num_params=n,
                 compute_required=compute_required(n, kind, config.batch_size, config.sequence_length, model_type),
                 layer_type=kind, dtype=h.dtype, block=block_of(h.name), weight_bytes=h.nbytes))
-        blocks = count_blocks(headers, config.batch_size, config.sequence_length, KV_CACHE_DTYPES[kv_dtype])
+        blocks = count_blocks(headers, config.batch_size, config.sequence_length, kv_bytes)
         return ModelMetadata(
             model_name=config.model_name, model_type=model_type, batch_size=config.batch_size,
             sequence_length=config.sequence_length, layers=layers,
