@@ -194,7 +194,8 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
     assert_eq!(out.len(), q.len());
     // Query heads that share a key/value head go together (`heads` of them a task) where a kernel
     // for that many exists: each key and value is then read once for all of them.
-    let heads = [4, 3, 2].into_iter().find(|&g| group.is_multiple_of(g) && grouped_kernel(d)).unwrap_or(1);
+    let heads =
+        if grouped_kernel(d) { [4, 3, 2].into_iter().find(|&g| group.is_multiple_of(g)).unwrap_or(1) } else { 1 };
     pool::install(|| {
         out.par_chunks_mut(heads * d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
             let (i, h) = (idx * heads / shape.n_heads, idx * heads % shape.n_heads);
@@ -220,12 +221,13 @@ pub fn attention(q: &[f32], k: KvView, v: KvView, shape: &AttentionShape, out: &
 }
 
 /// Whether `attend_heads` has a kernel for several heads at once, for heads of `d` values.
+#[cfg(target_arch = "x86_64")]
 fn grouped_kernel(d: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(16) && crate::kernels::simd::has_avx512() {
-        return true;
-    }
-    let _ = d;
+    d.is_multiple_of(16) && crate::kernels::simd::has_avx512()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn grouped_kernel(_d: usize) -> bool {
     false
 }
 
@@ -326,10 +328,7 @@ mod avx2 {
                     *a = _mm256_fmadd_ps(qc, T::load8(keys.add((t + j) * k.stride + c)), *a);
                 }
             }
-            // lanes [key 0, 1, 2, 3] of each 128-bit half, then the halves added
-            let s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-            _mm_storeu_ps(scores.as_mut_ptr().add(t), _mm_mul_ps(s, _mm_set1_ps(scale)));
+            store_four_scores(acc, scale, scores.as_mut_ptr().add(t));
             t += 4;
         }
         for (t, s) in scores.iter_mut().enumerate().skip(t) {
@@ -353,6 +352,18 @@ mod avx2 {
         }
     }
 
+    /// Four keys' dot products, each as 8 lanes to add, times `scale`, stored at `at..at + 4`:
+    /// lanes [key 0, 1, 2, 3] of each 128-bit half after two horizontal adds, then the halves added.
+    ///
+    /// # Safety
+    /// `at..at + 4` is writable and the CPU has AVX.
+    #[inline(always)]
+    pub(super) unsafe fn store_four_scores(acc: [__m256; 4], scale: f32, at: *mut f32) {
+        let s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        _mm_storeu_ps(at, _mm_mul_ps(s, _mm_set1_ps(scale)));
+    }
+
     /// `o[c..c + 8W] = sum over t of p[t] * v[t][c..c + 8W]`, the sums held in W registers.
     #[inline(always)]
     unsafe fn weighted_sum<T: Element, const W: usize>(p: &[f32], v: HeadView<'_, T>, c: usize, o: &mut [f32]) {
@@ -374,6 +385,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::avx2::store_four_scores;
     use super::{Element, HeadView};
     use crate::kernels::softmax::softmax_in_place;
 
@@ -398,7 +410,7 @@ mod avx512 {
         }
         assert!(k.data.len() >= (n - 1) * k.stride + d && v.data.len() >= (n - 1) * v.stride + d);
         let (q, keys) = (qs.as_ptr(), k.data.as_ptr());
-        // a score's 16 lanes added down to 8; then four keys' at once with two horizontal adds
+        // a score's 16 lanes added down to 8, for `store_four_scores`
         let halves = |a: __m512| {
             _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))))
         };
@@ -415,10 +427,7 @@ mod avx512 {
                 }
             }
             for (g, acc) in acc.iter().enumerate() {
-                let [a0, a1, a2, a3] = acc.map(halves);
-                let s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-                _mm_storeu_ps(scores.as_mut_ptr().add(g * n + t), _mm_mul_ps(s, _mm_set1_ps(scale)));
+                store_four_scores(acc.map(halves), scale, scores.as_mut_ptr().add(g * n + t));
             }
             t += 4;
         }
